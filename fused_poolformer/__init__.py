@@ -1,0 +1,17 @@
+"""fused_poolformer: the PoolFormer token mixer (GroupNorm -> pool - x -> layer scale ->
+residual) fused into one forward and one backward operator, with CPU, CUDA and Triton
+kernels and drop-in modules for MetaFormer-family models."""
+
+from . import reference
+from .ops import BACKENDS, HAS_CPU_KERNELS, HAS_CUDA_KERNELS, available_backends, pool_mixer, triton_available
+
+__all__ = [
+    "BACKENDS",
+    "HAS_CPU_KERNELS",
+    "HAS_CUDA_KERNELS",
+    "available_backends",
+    "pool_mixer",
+    "reference",
+    "triton_available",
+]
+__version__ = "0.1.0"
