@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Builds the operator library with CMake against the installed libtorch (no Python binding):
+#   bash scripts/cmake_build.sh BUILD_DIR [extra cmake args, e.g. -DFUSED_POOLFORMER_CUDA=ON]
+# Finds the CUDA toolkit root and torch's libnvrtc, which find_package(Torch) needs for a
+# CUDA build of torch even when the library itself is CPU-only.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+BUILD="${1:?usage: cmake_build.sh BUILD_DIR [cmake args]}"; shift
+PY="${PYTHON:-python}"
+PREFIX="$("$PY" -c 'import torch; print(torch.utils.cmake_prefix_path)')"
+ARGS=(-DCMAKE_PREFIX_PATH="$PREFIX")
+CUDA_ROOT="${CUDA_HOME:-}"
+if [ -z "$CUDA_ROOT" ] && command -v nvcc >/dev/null; then
+  # the toolkit root nvcc reports (the parent of the nvcc on PATH may be a wrapper's folder)
+  CUDA_ROOT="$(nvcc -dryrun x.cu 2>&1 | sed -n 's/^#\$ TOP=//p' | head -n 1)"
+  [ -n "$CUDA_ROOT" ] && CUDA_ROOT="$(realpath "$CUDA_ROOT")"
+fi
+if [ -n "$CUDA_ROOT" ]; then ARGS+=(-DCUDA_TOOLKIT_ROOT_DIR="$CUDA_ROOT"); fi
+NVRTC="$("$PY" - <<'PYEOF'
+import glob, os, torch
+site = os.path.dirname(os.path.dirname(torch.__file__))
+hits = sorted(glob.glob(os.path.join(site, "nvidia", "**", "libnvrtc.so*"), recursive=True))
+print(hits[0] if hits else "")
+PYEOF
+)"
+if [ -n "$NVRTC" ]; then ARGS+=(-DCUDA_nvrtc_LIBRARY="$NVRTC"); fi
+cmake -S "$ROOT" -B "$BUILD" "${ARGS[@]}" "$@"
+cmake --build "$BUILD" -j "${MAX_JOBS:-2}"
