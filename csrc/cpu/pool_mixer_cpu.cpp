@@ -84,11 +84,6 @@ inline void add_into(acc_t* dst, const src_t* src, int64_t length) {
   }
 }
 
-template <typename acc_t>
-inline void copy_into(acc_t* dst, const acc_t* src, int64_t length) {
-  std::copy(src, src + length, dst);
-}
-
 // ---------------------------------------------------------------------------------------
 // Problem geometry.
 
@@ -164,35 +159,43 @@ inline Vectorized<acc_t> per_position(const Geometry<acc_t>& g, int64_t w, int64
 
 template <typename acc_t>
 struct RowScratch {
-  int64_t L, S, rw, slots;
-  std::vector<acc_t> ring, col, box;
+  int64_t rw, S;
+  std::vector<acc_t> col;  // column sums of one output row, with rw * S zeros on each side
 
   explicit RowScratch(const Geometry<acc_t>& g)
-      : L(g.L), S(g.S), rw(effective_radius(g.radius, g.W)),
-        slots(2 * effective_radius(g.radius, g.H) + 1),
-        ring(slots * g.L), col(g.L + 2 * rw * g.S, acc_t(0)), box(g.L) {}
-
-  // Rows in one window are at most `slots` consecutive rows, so h % slots never collides.
-  acc_t* row(int64_t h) { return ring.data() + (h % slots) * L; }
+      : rw(effective_radius(g.radius, g.W)), S(g.S), col(g.L + 2 * rw * g.S, acc_t(0)) {}
+  acc_t* row() { return col.data() + rw * S; }
 };
 
-// For each row h in [h_begin, h_end): `load_row(h', dst)` fills ring rows as the window
-// needs them (each input row is read once per task), then `emit(h, box, center)` gets the
-// k x k box sum of the loaded values around every element of row h, and row h itself.
-template <typename acc_t, typename LoadRow, typename Emit>
+// The horizontal half of the box sum: the sum of the column sums at the taps around `o`
+// (zeros past the border, which count_include_pad=False leaves out of the count).
+template <typename acc_t>
+struct HorizontalSum {
+  const acc_t* col;
+  int64_t rw, S;
+  Vectorized<acc_t> operator()(int64_t o, int64_t lanes) const {
+    Vectorized<acc_t> s = load<acc_t>(col + o - rw * S, lanes);
+    for (int64_t d = -rw + 1; d <= rw; ++d) s += load<acc_t>(col + o + d * S, lanes);
+    return s;
+  }
+};
+
+// For each row h in [h_begin, h_end): the vertical sums over the window's rows of
+// `source(row, offset, lanes, c, w)` -- read straight from memory, where the rows of a
+// window are cache-resident -- then `emit(h, box)` with the horizontal sum as `box`.
+template <bool kCL, typename acc_t, typename Source, typename Emit>
 void box_sum_rows(const Geometry<acc_t>& g, int64_t h_begin, int64_t h_end, RowScratch<acc_t>& s,
-                  LoadRow load_row, Emit emit) {
+                  Source source, Emit emit) {
   const int64_t rh = effective_radius(g.radius, g.H);
-  acc_t* col = s.col.data() + s.rw * s.S;  // zero borders of rw * S on both sides
-  int64_t next = window_begin(h_begin, rh);
+  acc_t* col = s.row();
   for (int64_t h = h_begin; h < h_end; ++h) {
     const int64_t hb = window_begin(h, rh), he = window_end(h, rh, g.H);
-    for (; next <= he; ++next) load_row(next, s.row(next));
-    copy_into(col, s.row(hb), s.L);
-    for (int64_t hh = hb + 1; hh <= he; ++hh) add_into(col, s.row(hh), s.L);
-    copy_into(s.box.data(), col - s.rw * s.S, s.L);
-    for (int64_t d = -s.rw + 1; d <= s.rw; ++d) add_into(s.box.data(), col + d * s.S, s.L);
-    emit(h, s.box.data(), s.row(h));
+    for_each_chunk<kCL>(g, [&](int64_t o, int64_t lanes, int64_t c, int64_t w) {
+      Vectorized<acc_t> v = source(hb, o, lanes, c, w);
+      for (int64_t hh = hb + 1; hh <= he; ++hh) v += source(hh, o, lanes, c, w);
+      store(col + o, v, lanes);
+    });
+    emit(h, HorizontalSum<acc_t>{col, s.rw, s.S});
   }
 }
 
@@ -227,21 +230,35 @@ inline int64_t plane_channel(const Geometry<acc_t>& g, int64_t plane) {
 
 constexpr int64_t kStatsBlock = 4096;
 
+// Sum of f(chunk) over a run, with four independent accumulators so that the adds do not
+// wait on each other (a single chain is latency-bound), folded in a fixed order.
+template <typename acc_t, typename F>
+inline acc_t unrolled_sum(int64_t count, F f) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = kLanes<acc_t>;
+  Vec s0(acc_t(0)), s1(acc_t(0)), s2(acc_t(0)), s3(acc_t(0));
+  int64_t i = 0;
+  for (; i + 4 * V <= count; i += 4 * V) {
+    s0 += f(i, V);
+    s1 += f(i + V, V);
+    s2 += f(i + 2 * V, V);
+    s3 += f(i + 3 * V, V);
+  }
+  for (; i < count; i += V) s0 += f(i, std::min(V, count - i));
+  return lane_sum((s0 + s1) + (s2 + s3));
+}
+
 template <typename scalar_t, typename acc_t>
 WelfordData<acc_t> contiguous_block_stats(const scalar_t* p, int64_t count) {
   using Vec = Vectorized<acc_t>;
-  Vec sum(acc_t(0));
-  for (int64_t i = 0; i < count; i += kLanes<acc_t>) {
-    sum += load<acc_t>(p + i, std::min(kLanes<acc_t>, count - i));
-  }
-  const acc_t mean = lane_sum(sum) / acc_t(count);
-  Vec m2(acc_t(0));
-  for (int64_t i = 0; i < count; i += kLanes<acc_t>) {
-    const int64_t n = std::min(kLanes<acc_t>, count - i);
+  const acc_t mean =
+      unrolled_sum<acc_t>(count, [&](int64_t i, int64_t n) { return load<acc_t>(p + i, n); }) /
+      acc_t(count);
+  const acc_t m2 = unrolled_sum<acc_t>(count, [&](int64_t i, int64_t n) {
     const Vec d = first_lanes(load<acc_t>(p + i, n) - Vec(mean), n);
-    m2 += d * d;
-  }
-  return {acc_t(count), mean, lane_sum(m2)};
+    return d * d;
+  });
+  return {acc_t(count), mean, m2};
 }
 
 // NCHW: the elements of group (n, g) are one contiguous run.
@@ -333,23 +350,21 @@ void forward_apply(const Geometry<acc_t>& g, const scalar_t* x, scalar_t* y, con
     const acc_t* shift = shift_nc + plane_factor_offset(g, plane);
     const acc_t* coef = coef_nc + plane_factor_offset(g, plane);
     const acc_t* res = res_c + plane_channel(g, plane);
-    auto load_row = [&](int64_t h, acc_t* dst) {
-      for_each_chunk<kCL>(g, [&](int64_t o, int64_t lanes, int64_t c, int64_t) {
-        store(dst + o, load<acc_t>(xp + h * g.L + o, lanes) - per_channel<kCL>(shift, c, lanes),
+    auto centered = [&](int64_t h, int64_t o, int64_t lanes, int64_t c, int64_t) {
+      return load<acc_t>(xp + h * g.L + o, lanes) - per_channel<kCL>(shift, c, lanes);
+    };
+    auto emit = [&](int64_t h, const HorizontalSum<acc_t>& box) {
+      const Vec inv_h(g.inv_h[h]);
+      for_each_chunk<kCL>(g, [&](int64_t o, int64_t lanes, int64_t c, int64_t w) {
+        const Vec xv = load<acc_t>(xp + h * g.L + o, lanes);
+        const Vec pooled = box(o, lanes) * inv_h * per_position<kCL>(g, w, lanes);
+        const Vec xc = xv - per_channel<kCL>(shift, c, lanes);
+        store(yp + h * g.L + o,
+              per_channel<kCL>(res, c, lanes) * xv + per_channel<kCL>(coef, c, lanes) * (pooled - xc),
               lanes);
       });
     };
-    auto emit = [&](int64_t h, const acc_t* box, const acc_t* xc) {
-      const Vec inv_h(g.inv_h[h]);
-      for_each_chunk<kCL>(g, [&](int64_t o, int64_t lanes, int64_t c, int64_t w) {
-        const Vec pooled = load<acc_t>(box + o, lanes) * inv_h * per_position<kCL>(g, w, lanes);
-        const Vec out =
-            per_channel<kCL>(res, c, lanes) * load<acc_t>(xp + h * g.L + o, lanes) +
-            per_channel<kCL>(coef, c, lanes) * (pooled - load<acc_t>(xc + o, lanes));
-        store(yp + h * g.L + o, out, lanes);
-      });
-    };
-    box_sum_rows(g, h_begin, h_end, scratch, load_row, emit);
+    box_sum_rows<kCL>(g, h_begin, h_end, scratch, centered, emit);
   });
 }
 
@@ -370,35 +385,40 @@ void backward_sums(const Geometry<acc_t>& g, const scalar_t* x, const scalar_t* 
   const int64_t width = accumulator_width(g);
   for_each_task(g, [&](int64_t plane, int64_t chunk, int64_t h_begin, int64_t h_end,
                        RowScratch<acc_t>& scratch) {
-    const int64_t offset = plane * g.plane_numel();
+    const scalar_t* xp = x + plane * g.plane_numel();
+    const scalar_t* dyp = dy + plane * g.plane_numel();
     const acc_t* shift = shift_nc + plane_factor_offset(g, plane);
     acc_t* acc_d = partial_d + (plane * g.chunks + chunk) * width;
     acc_t* acc_x = partial_x + (plane * g.chunks + chunk) * width;
     std::fill(acc_d, acc_d + width, acc_t(0));
     std::fill(acc_x, acc_x + width, acc_t(0));
-    auto accumulate = [&](acc_t* acc, int64_t c, int64_t lanes, Vec v) {
-      v = first_lanes(v, lanes);
-      if constexpr (kCL) store(acc + c, load<acc_t>(acc + c, lanes) + v, lanes);
-      else store(acc, load<acc_t>(acc, kLanes<acc_t>) + v, kLanes<acc_t>);
+    auto centered = [&](int64_t h, int64_t o, int64_t lanes, int64_t c, int64_t) {
+      return load<acc_t>(xp + h * g.L + o, lanes) - per_channel<kCL>(shift, c, lanes);
     };
-    auto load_row = [&](int64_t h, acc_t* dst) {
-      for_each_chunk<kCL>(g, [&](int64_t o, int64_t lanes, int64_t c, int64_t) {
-        store(dst + o,
-              load<acc_t>(x + offset + h * g.L + o, lanes) - per_channel<kCL>(shift, c, lanes),
-              lanes);
-      });
-    };
-    auto emit = [&](int64_t h, const acc_t* box, const acc_t* xc) {
+    auto emit = [&](int64_t h, const HorizontalSum<acc_t>& box) {
       const Vec inv_h(g.inv_h[h]);
+      // NCHW: one channel per plane, so the row's sums stay in registers.
+      Vec row_d(acc_t(0)), row_x(acc_t(0));
       for_each_chunk<kCL>(g, [&](int64_t o, int64_t lanes, int64_t c, int64_t w) {
-        const Vec d = load<acc_t>(box + o, lanes) * inv_h * per_position<kCL>(g, w, lanes) -
-                      load<acc_t>(xc + o, lanes);
-        const Vec grad = load<acc_t>(dy + offset + h * g.L + o, lanes);
-        accumulate(acc_d, c, lanes, d * grad);
-        accumulate(acc_x, c, lanes, load<acc_t>(x + offset + h * g.L + o, lanes) * grad);
+        const Vec xv = load<acc_t>(xp + h * g.L + o, lanes);
+        const Vec grad = load<acc_t>(dyp + h * g.L + o, lanes);
+        const Vec d = box(o, lanes) * inv_h * per_position<kCL>(g, w, lanes) -
+                      (xv - per_channel<kCL>(shift, c, lanes));
+        const Vec dd = first_lanes(d * grad, lanes), xd = first_lanes(xv * grad, lanes);
+        if constexpr (kCL) {
+          store(acc_d + c, load<acc_t>(acc_d + c, lanes) + dd, lanes);
+          store(acc_x + c, load<acc_t>(acc_x + c, lanes) + xd, lanes);
+        } else {
+          row_d += dd;
+          row_x += xd;
+        }
       });
+      if constexpr (!kCL) {
+        store(acc_d, load<acc_t>(acc_d, kLanes<acc_t>) + row_d, kLanes<acc_t>);
+        store(acc_x, load<acc_t>(acc_x, kLanes<acc_t>) + row_x, kLanes<acc_t>);
+      }
     };
-    box_sum_rows(g, h_begin, h_end, scratch, load_row, emit);
+    box_sum_rows<kCL>(g, h_begin, h_end, scratch, centered, emit);
   });
 }
 
@@ -436,27 +456,23 @@ void backward_dx(const Geometry<acc_t>& g, const scalar_t* x, const scalar_t* dy
     const int64_t offset = plane * g.plane_numel();
     const int64_t f = plane_factor_offset(g, plane);
     const acc_t* res = res_c + plane_channel(g, plane);
-    auto load_row = [&](int64_t h, acc_t* dst) {
-      const Vec inv_h(g.inv_h[h]);
-      for_each_chunk<kCL>(g, [&](int64_t o, int64_t lanes, int64_t, int64_t w) {
-        store(dst + o,
-              load<acc_t>(dy + offset + h * g.L + o, lanes) * inv_h *
-                  per_position<kCL>(g, w, lanes),
-              lanes);
-      });
+    // The adjoint of the pool spreads dy / cnt over the window: box sums of dy / cnt.
+    auto spread = [&](int64_t h, int64_t o, int64_t lanes, int64_t, int64_t w) {
+      return load<acc_t>(dy + offset + h * g.L + o, lanes) *
+             (Vec(g.inv_h[h]) * per_position<kCL>(g, w, lanes));
     };
-    auto emit = [&](int64_t h, const acc_t* box, const acc_t*) {
+    auto emit = [&](int64_t h, const HorizontalSum<acc_t>& box) {
       for_each_chunk<kCL>(g, [&](int64_t o, int64_t lanes, int64_t c, int64_t) {
         const int64_t at = offset + h * g.L + o;
         const Vec grad = load<acc_t>(dy + at, lanes);
         const Vec xc = load<acc_t>(x + at, lanes) - per_channel<kCL>(shift_nc + f, c, lanes);
         const Vec out = per_channel<kCL>(res, c, lanes) * grad +
-                        per_channel<kCL>(coef_nc + f, c, lanes) * (load<acc_t>(box + o, lanes) - grad) -
+                        per_channel<kCL>(coef_nc + f, c, lanes) * (box(o, lanes) - grad) -
                         per_channel<kCL>(corr_nc + f, c, lanes) * xc;
         store(dx + at, out, lanes);
       });
     };
-    box_sum_rows(g, h_begin, h_end, scratch, load_row, emit);
+    box_sum_rows<kCL>(g, h_begin, h_end, scratch, spread, emit);
   });
 }
 
