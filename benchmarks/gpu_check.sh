@@ -80,7 +80,7 @@ build() {
     "$PY" setup.py build_ext --inplace >"$RESULTS/build.log" 2>&1
   local rc=$?
   # The register / shared-memory / spill report of every kernel of ours.
-  grep -A2 "Compiling entry function '_ZN16fused_poolformer" "$RESULTS/build.log" >"$RESULTS/ptxas.txt" || true
+  grep -A3 "Compiling entry function '_ZN16fused_poolformer" "$RESULTS/build.log" >"$RESULTS/ptxas.txt" || true
   grep -E "spill (stores|loads)" "$RESULTS/ptxas.txt" | grep -v " 0 bytes spill stores, 0 bytes spill loads" \
     && echo "WARNING: register spills above" || echo "ptxas: no spills in fused_poolformer kernels"
   tail -n 5 "$RESULTS/build.log"
