@@ -4,7 +4,7 @@ concurrency): forward + backward of any pool_mixer implementation, and the backe
 import torch
 
 import fused_poolformer
-from conftest import OPTION_NAMES, call
+from conftest import call
 
 # The vectors that get a gradient (sample_scale is the drop-path constant: none flows to it).
 DIFFERENTIABLE = ("weight", "bias", "layer_scale", "res_scale")
@@ -43,5 +43,5 @@ def random_like(x, seed):
     return torch.randn(x.shape, generator=g, dtype=torch.float64).to(x.dtype).to(x.device)
 
 
-__all__ = ["DIFFERENTIABLE", "OPTION_NAMES", "forward_backward", "fused_backends", "random_like",
+__all__ = ["DIFFERENTIABLE", "forward_backward", "fused_backends", "random_like",
            "reference_forward_backward"]
