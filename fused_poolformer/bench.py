@@ -720,7 +720,7 @@ def write_plot(results: dict, path: str) -> None:
     axes[1].set_xticks([j + 0.4 - width / 2 for j in range(len(cases))], labels, fontsize=7, rotation=45, ha="right")
     fig.suptitle(f"fused_poolformer pool mixer -- {results['device']}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
 
 
