@@ -314,8 +314,10 @@ def _compiled_reference() -> Callable:
     if "reference" not in _COMPILED:
         import torch._dynamo.config as dynamo_config
 
-        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 1024)
-        dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 4096)
+        for name, value in (("recompile_limit", 1024), ("cache_size_limit", 1024), ("accumulated_recompile_limit", 4096),
+                            ("accumulated_cache_size_limit", 4096)):  # older and newer names
+            if hasattr(dynamo_config, name):
+                setattr(dynamo_config, name, max(getattr(dynamo_config, name), value))
         _COMPILED["reference"] = torch.compile(reference.pool_mixer, dynamic=False)
     return _COMPILED["reference"]
 
@@ -466,6 +468,17 @@ def _converter():
     return convert_model, None
 
 
+def _release_free_heap() -> None:
+    """Returns freed heap pages to the OS (glibc), so that the RSS before a step counts
+    live memory only and the step's own peak shows up in the high-water mark."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class _PeakMemory:
     """Peak memory of a block above what was held when it began: the CUDA caching
     allocator's peak, or on the CPU the process's resident-set high-water mark (VmHWM,
@@ -474,7 +487,7 @@ class _PeakMemory:
     def __init__(self, device: str):
         self.device = device
         self.method = ("torch.cuda.max_memory_allocated - allocated before" if device == "cuda"
-                       else "RSS high-water mark (VmHWM) - RSS before")
+                       else "RSS high-water mark (VmHWM) - RSS before, after malloc_trim")
 
     @staticmethod
     def _status_kb(key: str) -> Optional[int]:
@@ -495,6 +508,7 @@ class _PeakMemory:
             fn()
             torch.cuda.synchronize()
             return (torch.cuda.max_memory_allocated() - before) / 2**20
+        _release_free_heap()
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # resets VmHWM to the current RSS
