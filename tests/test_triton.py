@@ -106,7 +106,8 @@ CASES = [
     pytest.param((2, 8, 6, 7), torch.float32, False, 1, 3, ALL, id="nchw-f32-k3"),
     pytest.param((2, 12, 5, 9), torch.float64, True, 3, 5, ALL, id="cl-f64-G3-k5"),
     pytest.param((1, 4, 11, 3), torch.float64, False, 2, 7, ("weight", "layer_scale"), id="nchw-f64-k7-tall"),
-    pytest.param((2, 6, 2, 3), torch.float32, True, 2, 5, ("bias", "res_scale", "sample_scale"),
+    # No weight (and no bias: torch 2.11's CPU group_norm backward fails for a bias without weight).
+    pytest.param((2, 6, 2, 3), torch.float32, True, 2, 5, ("layer_scale", "res_scale", "sample_scale"),
                  id="cl-f32-window-larger-than-plane"),
 ]
 
