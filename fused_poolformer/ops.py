@@ -7,7 +7,6 @@ registered here: the forward saves x, mean and rstd (and the small vectors) -- n
 else of size N*C*H*W -- and the backward operator returns every gradient in one pass.
 """
 
-import functools
 import os
 from typing import Optional
 
@@ -40,15 +39,25 @@ HAS_CPU_KERNELS = _has_kernel("CPU")
 HAS_CUDA_KERNELS = _has_kernel("CUDA")
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_OPS: dict = {}
+
+
 def _triton_ops():
-    """The Triton operators, or None where Triton cannot be imported."""
-    try:
-        from . import triton_kernels
-    except ImportError:
-        return None
-    _register_autograd(triton_kernels.forward_op, triton_kernels.backward_op)
-    return triton_kernels.forward_op, triton_kernels.backward_op
+    """The Triton (forward, backward) operators, or None where Triton cannot be imported.
+    Cached in a plain dict: torch.compile ignores functools.lru_cache and would trace the
+    body (and refuse register_autograd)."""
+    if "ops" not in _TRITON_OPS:
+        try:
+            from . import triton_kernels
+        except ImportError:
+            _TRITON_OPS["ops"] = None
+        else:
+            _register_autograd(triton_kernels.forward_op, triton_kernels.backward_op)
+            _TRITON_OPS["ops"] = (
+                torch.ops.fused_poolformer.triton_pool_mixer_forward.default,
+                torch.ops.fused_poolformer.triton_pool_mixer_backward.default,
+            )
+    return _TRITON_OPS["ops"]
 
 
 def triton_available() -> bool:
@@ -92,8 +101,9 @@ def _check_vector(v, name, length, length_name, x):
         )
 
 
-def validate(x, weight, bias, layer_scale, res_scale, sample_scale, num_groups, pool_size, eps, backend):
-    """Raises TypeError/ValueError naming the offending argument."""
+def validate(x, weight, bias, layer_scale, res_scale, sample_scale, num_groups, pool_size, eps, backend="auto"):
+    """Raises TypeError/ValueError naming the offending argument.  The fake kernels run it
+    too, so torch.compile and torch.export reject what the real kernels reject."""
     if not isinstance(x, Tensor):
         raise TypeError(f"pool_mixer: x must be a Tensor, got {type(x).__name__}")
     if x.dim() != 4:
@@ -163,12 +173,19 @@ def dense_format(x: Tensor) -> torch.memory_format:
 
 
 def fake_forward(x, weight, bias, layer_scale, res_scale, sample_scale, num_groups, pool_size, eps):
+    validate(x, weight, bias, layer_scale, res_scale, sample_scale, num_groups, pool_size, eps)
     y = torch.empty_like(x, memory_format=dense_format(x))
     stats = x.new_empty((x.shape[0], num_groups), dtype=stats_dtype(x.dtype))
     return y, stats, torch.empty_like(stats)
 
 
 def fake_backward(grad_y, x, mean, rstd, weight, layer_scale, res_scale, sample_scale, num_groups, pool_size, output_mask):
+    validate(x, weight, None, layer_scale, res_scale, sample_scale, num_groups, pool_size, 1.0)
+    if grad_y.shape != x.shape or grad_y.dtype != x.dtype or grad_y.device != x.device:
+        raise ValueError("pool_mixer: grad_y must have x's shape, dtype and device")
+    for name, t in (("mean", mean), ("rstd", rstd)):
+        if tuple(t.shape) != (x.shape[0], num_groups) or t.dtype != stats_dtype(x.dtype) or t.device != x.device:
+            raise ValueError(f"pool_mixer: {name} must have shape (N, num_groups) and dtype {stats_dtype(x.dtype)} on {x.device}")
     def grad(wanted, param):
         if not wanted:
             return x.new_empty((0,))

@@ -35,6 +35,9 @@ def pool_mixer(
     the fused kernels read them.
     """
     dt = x.dtype
+    if weight is None and bias is not None:
+        # Same function; torch 2.11's CPU group_norm backward fails for a bias without a weight.
+        weight = torch.ones_like(bias)
     normed = F.group_norm(
         x,
         num_groups,

@@ -176,8 +176,6 @@ def test_cuda_operator_errors_name_the_argument_and_the_process_survives():
 
 
 @pytest.mark.skipif(not ops.HAS_CPU_KERNELS, reason="the C++ operators were not built")
-@pytest.mark.xfail(strict=True, reason="bug: the fake (meta) kernels in ops.py do not validate their arguments, so "
-                   "torch.compile/export trace bad shapes and mixed devices without an error")
 def test_fake_kernels_reject_bad_arguments():
     x = x_of("cpu").to("meta")
     with pytest.raises(Exception, match=re.escape("weight must have shape")):
