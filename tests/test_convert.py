@@ -228,15 +228,21 @@ def assert_state_dict_unchanged(before: dict, model: nn.Module) -> None:
 
 
 class CountFusedOps(TorchDispatchMode):
-    """Counts the fused forward and backward operators as they are dispatched."""
+    """Counts the fused forward and backward operators as they are dispatched, and
+    records the (dtype, channels_last) of each forward's input and output."""
 
     def __init__(self):
         super().__init__()
         self.forward = self.backward = 0
+        self.forward_layouts = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.fused_poolformer.pool_mixer_forward.default:
             self.forward += 1
+            y = func(*args, **(kwargs or {}))
+            layout = lambda t: (t.dtype, t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous())
+            self.forward_layouts.append((layout(args[0]), layout(y[0])))
+            return y
         elif func is torch.ops.fused_poolformer.pool_mixer_backward.default:
             self.backward += 1
         return func(*args, **(kwargs or {}))
@@ -246,8 +252,10 @@ def count_pooling_blocks(model: nn.Module) -> int:
     return sum(type(m).__name__ == "Pooling" for m in model.modules())
 
 
-def forward_backward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Output of ``model`` and backward of a random projection of it."""
+def forward_backward(model: nn.Module, x: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """Output of ``model`` and backward of a random projection of it.  The global RNG is
+    seeded first, so that models in training mode draw the same drop-path masks."""
+    torch.manual_seed(seed)
     y = model(x)
     grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
     (y * grad_out).sum().backward()
