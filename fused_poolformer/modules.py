@@ -121,11 +121,13 @@ class FusedPoolMixer(nn.Module):
         )
 
 
-def _drop_path_settings(module: nn.Module):
-    """(drop_prob, scale_by_keep) of an ``nn.Identity`` or a timm-style ``DropPath``."""
+def _module_drop_path_scale(x: Tensor, module: nn.Module) -> Optional[Tensor]:
+    """The factor an ``nn.Identity`` or a timm-style ``DropPath`` module would apply to
+    ``x``'s branch.  Its settings are read at every call, so that a drop-path schedule
+    that changes ``drop_prob`` during training keeps working."""
     if isinstance(module, nn.Identity):
-        return 0.0, True
-    return float(module.drop_prob), bool(getattr(module, "scale_by_keep", True))
+        return None
+    return drop_path_scale(x, module.drop_prob, module.training, getattr(module, "scale_by_keep", True))
 
 
 def pool_size_of(token_mixer: nn.Module) -> int:
@@ -157,15 +159,16 @@ class _AdoptedBlock(nn.Module):
         return fused
 
     def _read_settings(self) -> None:
-        raise NotImplementedError
+        pass
 
-    def _mix(self, x: Tensor, layer_scale: Optional[Tensor], res_scale: Optional[Tensor]) -> Tensor:
+    def _mix(self, x: Tensor, layer_scale: Optional[Tensor], res_scale: Optional[Tensor],
+             drop_path: nn.Module) -> Tensor:
         """The token-mixer branch with its residual, in one fused op."""
         return pool_mixer(
             x, self.norm1.weight, self.norm1.bias,
             layer_scale=layer_scale,
             res_scale=res_scale,
-            sample_scale=drop_path_scale(x, self.drop_prob, self.training, self.scale_by_keep),
+            sample_scale=_module_drop_path_scale(x, drop_path),
             num_groups=self.norm1.num_groups, pool_size=self.pool_size, eps=self.norm1.eps,
             backend=self.backend,
         )
@@ -193,7 +196,6 @@ class FusedMetaFormerBlock(_AdoptedBlock):
     """
 
     def _read_settings(self) -> None:
-        self.drop_prob, self.scale_by_keep = _drop_path_settings(self.drop_path1)
         self.layer_scale1_name = scale_parameter_name(self.layer_scale1)
         self.res_scale1_name = scale_parameter_name(self.res_scale1)
 
@@ -205,6 +207,7 @@ class FusedMetaFormerBlock(_AdoptedBlock):
             x,
             layer_scale=self._vector(self.layer_scale1, self.layer_scale1_name),
             res_scale=self._vector(self.res_scale1, self.res_scale1_name),
+            drop_path=self.drop_path1,
         )
         return self.res_scale2(x) + self.layer_scale2(self.drop_path2(self.mlp(self.norm2(x))))
 
@@ -217,12 +220,9 @@ class FusedPoolFormerBlock(_AdoptedBlock):
     (absent when ``use_layer_scale`` is False).
     """
 
-    def _read_settings(self) -> None:
-        self.drop_prob, self.scale_by_keep = _drop_path_settings(self.drop_path)
-
     def forward(self, x: Tensor) -> Tensor:
         if self.use_layer_scale:
-            x = self._mix(x, layer_scale=self.layer_scale_1, res_scale=None)
+            x = self._mix(x, layer_scale=self.layer_scale_1, res_scale=None, drop_path=self.drop_path)
             return x + self.drop_path(self.layer_scale_2.unsqueeze(-1).unsqueeze(-1) * self.mlp(self.norm2(x)))
-        x = self._mix(x, layer_scale=None, res_scale=None)
+        x = self._mix(x, layer_scale=None, res_scale=None, drop_path=self.drop_path)
         return x + self.drop_path(self.mlp(self.norm2(x)))

@@ -197,3 +197,25 @@ def test_torch_compile_fullgraph():
             assert torch.count_nonzero(actual) == 0, name
         else:
             assert relative_error(actual, grad) < 1e-4, name
+
+
+def test_drop_path_schedule_changes_are_followed():
+    """Training scripts that anneal DropPath.drop_prob keep working after conversion."""
+    torch.manual_seed(0)
+    model = tiny_metaformer(drop_path_rate=0.1).train()
+    randomize_vectors(model)
+    fused = convert_model(model)
+    x = torch.randn(6, 3, 32, 32)
+    for drop_prob in (0.0, 0.7):
+        for net in (model, fused):
+            for m in net.modules():
+                if isinstance(m, DropPath):
+                    m.drop_prob = drop_prob
+        with torch.no_grad():
+            outputs = []
+            for net in (model, fused):
+                torch.manual_seed(1)
+                outputs.append(net(x))
+            assert relative_error(outputs[1], outputs[0]) < 1e-4, drop_prob
+            assert (relative_error(outputs[0], model.eval()(x)) > 1e-3) == (drop_prob > 0)
+            model.train()
