@@ -9,7 +9,7 @@ shared) hits both alike; medians are reported next to minima.
 Prints a table and writes benchmarks/results/cpu-model-<date>.md and .json, recording the
 machine (lscpu model name, cores, torch threads), versions and the load average.
 
-    python benchmarks/model_bench_cpu.py [--batch 8] [--size 224] [--iters 10]
+    python benchmarks/model_bench_cpu.py [--batch 8] [--size 224] [--iters 10] [--threads N]
 """
 
 import argparse
@@ -91,6 +91,40 @@ def training_step(model, x, target):
     return step
 
 
+def unfused_mixer_branch(block, x):
+    """The first residual branch of a timm MetaFormerBlock, as the original computes it."""
+    return block.res_scale1(x) + block.layer_scale1(block.drop_path1(block.token_mixer(block.norm1(x))))
+
+
+def block_inputs(model, names, x) -> list:
+    """The input each named block receives in a forward of ``x``."""
+    inputs = []
+    hooks = [model.get_submodule(n).register_forward_pre_hook(lambda m, args: inputs.append(args[0].detach()))
+             for n in names]
+    with torch.inference_mode():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return [t.clone() for t in inputs]
+
+
+def mixer_branches_step(branches: list, train: bool):
+    """All token-mixer branches of a model, each on its own recorded input; with
+    ``train`` also their backward (a unit cotangent per branch)."""
+    inputs = [x.requires_grad_(train) for _, x in branches]
+
+    def step():
+        if not train:
+            with torch.inference_mode():
+                for (fn, _), x in zip(branches, inputs):
+                    fn(x)
+            return
+        for (fn, _), x in zip(branches, inputs):
+            fn(x).sum().backward()
+
+    return step
+
+
 def summarize(seconds: list) -> dict:
     return {"median_ms": 1e3 * statistics.median(seconds), "min_ms": 1e3 * min(seconds),
             "samples_ms": [round(1e3 * s, 3) for s in seconds]}
@@ -118,7 +152,19 @@ def run(batch: int, size: int, iters: int, warmup: int, model_name: str) -> dict
     original_train, converted_train = copy.deepcopy(original).train(), copy.deepcopy(converted).train()
     train = time_alternating({"original": training_step(original_train, x, target),
                               "converted": training_step(converted_train, x, target)}, iters, warmup)
-    for mode, times in (("inference", infer), ("training_step", train)):
+    # The part of the model the conversion changes: every token-mixer branch on its own.
+    inputs = block_inputs(original, report.converted, x)
+    branches = {
+        "original": [(lambda t, b=original.get_submodule(n): unfused_mixer_branch(b, t), x) for n, x in
+                     zip(report.converted, inputs)],
+        "converted": [(converted.get_submodule(n).token_mixer_branch, x.clone()) for n, x in
+                      zip(report.converted, inputs)],
+    }
+    # These are short: three times the iterations for steadier medians.
+    mixer_infer = time_alternating({k: mixer_branches_step(v, False) for k, v in branches.items()}, 3 * iters, warmup)
+    mixer_train = time_alternating({k: mixer_branches_step(v, True) for k, v in branches.items()}, 3 * iters, warmup)
+    for mode, times in (("inference", infer), ("training_step", train),
+                        ("mixer_branches_forward", mixer_infer), ("mixer_branches_forward_backward", mixer_train)):
         orig, conv = summarize(times["original"]), summarize(times["converted"])
         results[mode] = {"original": orig, "converted": conv, "speedup": orig["median_ms"] / conv["median_ms"]}
     return {
@@ -146,7 +192,7 @@ def markdown(record: dict) -> str:
         f"- Machine: {m['cpu_model']}, {m['logical_cpus']} logical CPUs, torch threads {m['torch_threads']}",
         f"- torch {m['torch']}, timm {m['timm']}, Python {m['python']}",
         f"- Input {tuple(record['input'])} {record['dtype']}; {record['iters']} timed iterations after "
-        f"{record['warmup']} warm-up, original and converted alternating",
+        f"{record['warmup']} warm-up (mixer branches: {3 * record['iters']}), original and converted alternating",
         f"- Converted blocks: {record['blocks_converted']} (skipped {record['blocks_skipped']}); "
         f"max relative output difference {record['max_rel_output_diff']:.2e}",
         f"- Load average (1, 5, 15 min) at start {tuple(round(v, 2) for v in m['load_average_at_start'])}, "
@@ -160,7 +206,10 @@ def markdown(record: dict) -> str:
         lines.append(f"| {mode} | {o['median_ms']:.1f} ({o['min_ms']:.1f}) | {c['median_ms']:.1f} ({c['min_ms']:.1f}) "
                      f"| {r['speedup']:.3f}x |")
     lines += ["", "Inference: forward under torch.inference_mode, eval. Training step: zero_grad, forward, "
-              "cross-entropy, backward, SGD(momentum) step, train mode (drop path rate 0).", ""]
+              "cross-entropy, backward, SGD(momentum) step, train mode (drop path rate 0). "
+              "Mixer branches: the part the conversion changes -- every block's norm1 -> pool - x -> "
+              "layer scale -> residual add, each on the input that block receives in the model, summed over "
+              "the blocks (forward under inference_mode; forward + backward with parameter gradients).", ""]
     return "\n".join(lines)
 
 
@@ -171,9 +220,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--out-dir", default=os.path.join(ROOT, "benchmarks", "results"))
     parser.add_argument("--no-save", action="store_true", help="print only")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     record = run(args.batch, args.size, args.iters, args.warmup, args.model)
     text = markdown(record)

@@ -202,13 +202,17 @@ class FusedMetaFormerBlock(_AdoptedBlock):
     def _vector(self, module: nn.Module, name: Optional[str]) -> Optional[Tensor]:
         return None if name is None else getattr(module, name)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = self._mix(
+    def token_mixer_branch(self, x: Tensor) -> Tensor:
+        """``res_scale1(x) + layer_scale1(drop_path1(token_mixer(norm1(x))))``, fused."""
+        return self._mix(
             x,
             layer_scale=self._vector(self.layer_scale1, self.layer_scale1_name),
             res_scale=self._vector(self.res_scale1, self.res_scale1_name),
             drop_path=self.drop_path1,
         )
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.token_mixer_branch(x)
         return self.res_scale2(x) + self.layer_scale2(self.drop_path2(self.mlp(self.norm2(x))))
 
 
@@ -220,9 +224,13 @@ class FusedPoolFormerBlock(_AdoptedBlock):
     (absent when ``use_layer_scale`` is False).
     """
 
+    def token_mixer_branch(self, x: Tensor) -> Tensor:
+        """``x + drop_path(layer_scale_1 * token_mixer(norm1(x)))``, fused."""
+        layer_scale = self.layer_scale_1 if self.use_layer_scale else None
+        return self._mix(x, layer_scale=layer_scale, res_scale=None, drop_path=self.drop_path)
+
     def forward(self, x: Tensor) -> Tensor:
+        x = self.token_mixer_branch(x)
         if self.use_layer_scale:
-            x = self._mix(x, layer_scale=self.layer_scale_1, res_scale=None, drop_path=self.drop_path)
             return x + self.drop_path(self.layer_scale_2.unsqueeze(-1).unsqueeze(-1) * self.mlp(self.norm2(x)))
-        x = self._mix(x, layer_scale=None, res_scale=None, drop_path=self.drop_path)
         return x + self.drop_path(self.mlp(self.norm2(x)))
