@@ -3,10 +3,17 @@ residual) fused into one forward and one backward operator, with CPU, CUDA and T
 kernels and drop-in modules for MetaFormer-family models."""
 
 from . import reference
+from .convert import ConversionReport, convert_model
+from .modules import FusedMetaFormerBlock, FusedPoolFormerBlock, FusedPoolMixer
 from .ops import BACKENDS, HAS_CPU_KERNELS, HAS_CUDA_KERNELS, available_backends, pool_mixer, triton_available
 
 __all__ = [
     "BACKENDS",
+    "ConversionReport",
+    "FusedMetaFormerBlock",
+    "FusedPoolFormerBlock",
+    "FusedPoolMixer",
+    "convert_model",
     "HAS_CPU_KERNELS",
     "HAS_CUDA_KERNELS",
     "available_backends",
