@@ -247,3 +247,19 @@ def test_validation_errors_name_the_argument(bad, message):
 def test_cpp_op_validation(args, message):
     with pytest.raises(RuntimeError, match=message):
         torch.ops.fused_poolformer.pool_mixer_forward(*args)
+
+
+@pytest.mark.parametrize("pool_size", [3, 5, 9])
+@pytest.mark.parametrize("shape", [(1, 256, 5, 9), (2, 512, 3, 7), (1, 96, 4, 23)])
+def test_channels_last_column_tiles(shape, pool_size):
+    """Wide channels_last rows are cut into column tiles with a horizontal halo."""
+    x, kw = make_inputs(shape, torch.float64, channels_last=True, seed=pool_size)
+    x.requires_grad_(True)
+    dy = torch.randn(shape, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    y = fused(x, kw, num_groups=4, pool_size=pool_size)
+    (gx,) = torch.autograd.grad(y, x, dy)
+    xr = x.detach().clone().requires_grad_(True)
+    yr = call(fp.reference.pool_mixer, xr, kw, num_groups=4, pool_size=pool_size)
+    (gr,) = torch.autograd.grad(yr, xr, dy)
+    assert_close_to(y, yr, torch.float64)
+    assert_close_to(gx, gr, torch.float64)

@@ -124,18 +124,23 @@ Geometry<acc_t> make_geometry(const at::Tensor& x, int64_t num_groups, int64_t p
   return g;
 }
 
-// Per-element loops over one row.  In NCHW the per-channel factors of a plane are scalars
-// and the per-position factor (1/cnt_w) is a vector along W; in channels_last it is the
-// other way round.  `f(offset, lanes, c, w)` gets the row offset of a chunk of `lanes`
-// elements that share position w (channels_last) or channel c (NCHW).
+// A run [begin, end) of positions w along a row.
+struct Span {
+  int64_t begin, end;
+};
+
+// Per-element loops over the positions `span` of one row.  In NCHW the per-channel factors
+// of a plane are scalars and the per-position factor (1/cnt_w) is a vector along W; in
+// channels_last it is the other way round.  `f(offset, lanes, c, w)` gets the row offset
+// of a chunk of `lanes` elements that share position w (channels_last) or channel c (NCHW).
 template <bool kCL, typename acc_t, typename F>
-inline void for_each_chunk(const Geometry<acc_t>& g, F f) {
+inline void for_each_chunk(const Geometry<acc_t>& g, Span span, F f) {
   constexpr int64_t V = kLanes<acc_t>;
   if constexpr (kCL) {
-    for (int64_t w = 0; w < g.W; ++w)
+    for (int64_t w = span.begin; w < span.end; ++w)
       for (int64_t c = 0; c < g.C; c += V) f(w * g.C + c, std::min(V, g.C - c), c, w);
   } else {
-    for (int64_t w = 0; w < g.W; w += V) f(w, std::min(V, g.W - w), int64_t(0), w);
+    for (int64_t w = span.begin; w < span.end; w += V) f(w, std::min(V, span.end - w), int64_t(0), w);
   }
 }
 
@@ -180,22 +185,33 @@ struct HorizontalSum {
   }
 };
 
+// Positions per column tile in channels_last: a channels_last row is W * C values, so the
+// k rows a window reads would not stay in L1; tiles of about this many values do.
+constexpr int64_t kTileValues = 1024;
+
 // For each row h in [h_begin, h_end): the vertical sums over the window's rows of
 // `source(row, offset, lanes, c, w)` -- read straight from memory, where the rows of a
-// window are cache-resident -- then `emit(h, box)` with the horizontal sum as `box`.
+// window are cache-resident -- then `emit(h, span, box)` with the horizontal sum as `box`.
+// channels_last rows are cut into column tiles (plus the horizontal halo) so that the
+// window's rows stay in L1; NCHW rows are short and are done whole.
 template <bool kCL, typename acc_t, typename Source, typename Emit>
 void box_sum_rows(const Geometry<acc_t>& g, int64_t h_begin, int64_t h_end, RowScratch<acc_t>& s,
                   Source source, Emit emit) {
   const int64_t rh = effective_radius(g.radius, g.H);
+  const int64_t tile = kCL ? std::max<int64_t>(2, kTileValues / g.C) : g.W;
   acc_t* col = s.row();
-  for (int64_t h = h_begin; h < h_end; ++h) {
-    const int64_t hb = window_begin(h, rh), he = window_end(h, rh, g.H);
-    for_each_chunk<kCL>(g, [&](int64_t o, int64_t lanes, int64_t c, int64_t w) {
-      Vectorized<acc_t> v = source(hb, o, lanes, c, w);
-      for (int64_t hh = hb + 1; hh <= he; ++hh) v += source(hh, o, lanes, c, w);
-      store(col + o, v, lanes);
-    });
-    emit(h, HorizontalSum<acc_t>{col, s.rw, s.S});
+  for (int64_t w0 = 0; w0 < g.W; w0 += tile) {
+    const Span out{w0, std::min(g.W, w0 + tile)};
+    const Span halo{std::max<int64_t>(0, w0 - s.rw), std::min(g.W, out.end + s.rw)};
+    for (int64_t h = h_begin; h < h_end; ++h) {
+      const int64_t hb = window_begin(h, rh), he = window_end(h, rh, g.H);
+      for_each_chunk<kCL>(g, halo, [&](int64_t o, int64_t lanes, int64_t c, int64_t w) {
+        Vectorized<acc_t> v = source(hb, o, lanes, c, w);
+        for (int64_t hh = hb + 1; hh <= he; ++hh) v += source(hh, o, lanes, c, w);
+        store(col + o, v, lanes);
+      });
+      emit(h, out, HorizontalSum<acc_t>{col, s.rw, s.S});
+    }
   }
 }
 
@@ -353,9 +369,9 @@ void forward_apply(const Geometry<acc_t>& g, const scalar_t* x, scalar_t* y, con
     auto centered = [&](int64_t h, int64_t o, int64_t lanes, int64_t c, int64_t) {
       return load<acc_t>(xp + h * g.L + o, lanes) - per_channel<kCL>(shift, c, lanes);
     };
-    auto emit = [&](int64_t h, const HorizontalSum<acc_t>& box) {
+    auto emit = [&](int64_t h, Span span, const HorizontalSum<acc_t>& box) {
       const Vec inv_h(g.inv_h[h]);
-      for_each_chunk<kCL>(g, [&](int64_t o, int64_t lanes, int64_t c, int64_t w) {
+      for_each_chunk<kCL>(g, span, [&](int64_t o, int64_t lanes, int64_t c, int64_t w) {
         const Vec xv = load<acc_t>(xp + h * g.L + o, lanes);
         const Vec pooled = box(o, lanes) * inv_h * per_position<kCL>(g, w, lanes);
         const Vec xc = xv - per_channel<kCL>(shift, c, lanes);
@@ -395,11 +411,11 @@ void backward_sums(const Geometry<acc_t>& g, const scalar_t* x, const scalar_t* 
     auto centered = [&](int64_t h, int64_t o, int64_t lanes, int64_t c, int64_t) {
       return load<acc_t>(xp + h * g.L + o, lanes) - per_channel<kCL>(shift, c, lanes);
     };
-    auto emit = [&](int64_t h, const HorizontalSum<acc_t>& box) {
+    auto emit = [&](int64_t h, Span span, const HorizontalSum<acc_t>& box) {
       const Vec inv_h(g.inv_h[h]);
       // NCHW: one channel per plane, so the row's sums stay in registers.
       Vec row_d(acc_t(0)), row_x(acc_t(0));
-      for_each_chunk<kCL>(g, [&](int64_t o, int64_t lanes, int64_t c, int64_t w) {
+      for_each_chunk<kCL>(g, span, [&](int64_t o, int64_t lanes, int64_t c, int64_t w) {
         const Vec xv = load<acc_t>(xp + h * g.L + o, lanes);
         const Vec grad = load<acc_t>(dyp + h * g.L + o, lanes);
         const Vec d = box(o, lanes) * inv_h * per_position<kCL>(g, w, lanes) -
@@ -461,8 +477,8 @@ void backward_dx(const Geometry<acc_t>& g, const scalar_t* x, const scalar_t* dy
       return load<acc_t>(dy + offset + h * g.L + o, lanes) *
              (Vec(g.inv_h[h]) * per_position<kCL>(g, w, lanes));
     };
-    auto emit = [&](int64_t h, const HorizontalSum<acc_t>& box) {
-      for_each_chunk<kCL>(g, [&](int64_t o, int64_t lanes, int64_t c, int64_t) {
+    auto emit = [&](int64_t h, Span span, const HorizontalSum<acc_t>& box) {
+      for_each_chunk<kCL>(g, span, [&](int64_t o, int64_t lanes, int64_t c, int64_t) {
         const int64_t at = offset + h * g.L + o;
         const Vec grad = load<acc_t>(dy + at, lanes);
         const Vec xc = load<acc_t>(x + at, lanes) - per_channel<kCL>(shift_nc + f, c, lanes);
