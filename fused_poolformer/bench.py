@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile-models", default=None,
                    help="models that also get a torch.compile row (default: s12 on CPU, none for a quick CPU run, all on GPU)")
     p.add_argument("--model-batch", type=int, default=None, help="batch of the model timings (default: 4 CPU, 64 GPU)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: torch's); 1 gives steadier numbers on a busy machine")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     p.add_argument("--markdown", metavar="PATH", help="write the results as a Markdown report")
     p.add_argument("--plot", metavar="PATH", help="write a PNG: speedup over eager and fraction of the floor")
@@ -252,11 +254,12 @@ def time_fn(fn: Callable, device: str, min_run_time: float) -> Dict[str, float]:
     return _summary(times)
 
 
-def time_repeated(fn: Callable, device: str, reps: int) -> Dict[str, float]:
-    """For calls too long to block (model steps): ``reps`` timed calls after one warm-up."""
+def time_repeated(fn: Callable, device: str, reps: int, warmup: int = 1) -> Dict[str, float]:
+    """For calls too long to block (model steps): ``reps`` timed calls after ``warmup``."""
     if device == "cuda":
-        return _summary(_time_cuda(fn, 0.0, warmup=2, min_reps=reps))
-    fn()
+        return _summary(_time_cuda(fn, 0.0, warmup=warmup, min_reps=reps))
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(reps):
         start = time.perf_counter()
@@ -548,7 +551,7 @@ def _time_model(model, cfg: Config, memory: _PeakMemory) -> dict:
     step = _train_step(model, optimizer, images, labels)
     step()  # warm-up: the optimizer state exists before memory is measured
     peak = memory.measure(step)
-    train_t = time_repeated(step, cfg.device, cfg.model_reps)
+    train_t = time_repeated(step, cfg.device, cfg.model_reps, warmup=0)
     model.eval()
     return dict(infer_ms=infer_t["median_ms"], infer_min_ms=infer_t["min_ms"], infer_max_ms=infer_t["max_ms"],
                 images_per_s=cfg.model_batch / (infer_t["median_ms"] * 1e-3),
@@ -733,12 +736,16 @@ def write_plot(results: dict, path: str) -> None:
     for ax, key, title in ((axes[0], "speedup_vs_eager", "speedup over eager (x)"),
                            (axes[1], "frac_floor", "fraction of the byte floor reached")):
         for i, impl in enumerate(impls):
+            if key == "speedup_vs_eager" and impl == "eager":
+                continue  # 1 by definition: the gray line
             ys = [value[c + (impl,)][key] if c + (impl,) in value else 0 for c in cases]
-            ax.bar([j + i * width for j in range(len(cases))], ys, width, label=impl)
+            ax.bar([j + i * width for j in range(len(cases))], ys, width, label=impl, color=f"C{i}")
         ax.set_ylabel(title)
         ax.grid(axis="y", alpha=0.3)
     axes[0].axhline(1.0, color="gray", lw=0.8)
-    axes[0].legend(ncol=len(impls), fontsize=8)
+    axes[0].set_yscale("log")  # speedups span slower-than-eager to two orders faster
+    for ax in axes:
+        ax.legend(ncol=len(impls), fontsize=8)
     labels = [f"{s[1]}x{s[2]}x{s[3]} n{s[0]}\n{d} {'CL' if l == 'channels_last' else 'NCHW'} {p}"
               for s, d, l, p in cases]
     axes[1].set_xticks([j + 0.4 - width / 2 for j in range(len(cases))], labels, fontsize=7, rotation=45, ha="right")
@@ -810,6 +817,8 @@ def run(cfg: Config, progress_factory, command: str) -> dict:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cfg = make_config(args)
     if cfg.run_models and cfg.models and not flops.fvcore_available():
         cfg.notes.append("fvcore is not installed: MACs come from torch.utils.flop_counter (convolutions and matmuls only)")
