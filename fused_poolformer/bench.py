@@ -66,6 +66,7 @@ class Config:
     min_run_time: float
     models: List[str]
     latency_models: List[str]
+    compile_models: List[str]
     model_impls: List[str]
     model_batch: int
     model_reps: int
@@ -128,8 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", default=None,
                    help="model table: comma list of s12,s24,s36,m36,m48, 'all' or 'none' (default all; quick: s12)")
     p.add_argument("--latency-models", default=None,
-                   help="models whose latency/memory are measured, the others get params and MACs only (default: s12 on CPU, all on GPU)")
+                   help="models whose latency/memory are measured, the others get params and MACs only (default: all; quick: s12)")
+    p.add_argument("--compile-models", default=None,
+                   help="models that also get a torch.compile row (default: s12 on CPU, none for a quick CPU run, all on GPU)")
     p.add_argument("--model-batch", type=int, default=None, help="batch of the model timings (default: 4 CPU, 64 GPU)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: torch's); 1 gives steadier numbers on a busy machine")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     p.add_argument("--markdown", metavar="PATH", help="write the results as a Markdown report")
     p.add_argument("--plot", metavar="PATH", help="write a PNG: speedup over eager and fraction of the floor")
@@ -171,7 +176,7 @@ def make_config(args: argparse.Namespace) -> Config:
     impls = _csv(args.impls) if args.impls else _default_impls(device)
     if args.no_compile:
         impls = [i for i in impls if i != "compile"]
-    model_impls = ["original", "converted"] + ([] if args.no_compile or quick_cpu else ["compile"])
+    model_impls = ["original", "converted"] + ([] if args.no_compile else ["compile"])
     cfg = Config(
         device=device,
         batch=batch,
@@ -182,7 +187,8 @@ def make_config(args: argparse.Namespace) -> Config:
         impls=impls,
         min_run_time=args.min_run_time or (0.1 if gpu or args.quick else 0.5),
         models=_model_list(args.models, ["poolformer_s12"] if args.quick else MODELS),
-        latency_models=_model_list(args.latency_models, MODELS if gpu else ["poolformer_s12"]),
+        latency_models=_model_list(args.latency_models, ["poolformer_s12"] if args.quick else MODELS),
+        compile_models=_model_list(args.compile_models, [] if quick_cpu else ["poolformer_s12"] if not gpu else MODELS),
         model_impls=model_impls,
         model_batch=args.model_batch or (64 if gpu else (2 if args.quick else 4)),
         model_reps=20 if gpu else (2 if args.quick else 3),
@@ -248,11 +254,12 @@ def time_fn(fn: Callable, device: str, min_run_time: float) -> Dict[str, float]:
     return _summary(times)
 
 
-def time_repeated(fn: Callable, device: str, reps: int) -> Dict[str, float]:
-    """For calls too long to block (model steps): ``reps`` timed calls after one warm-up."""
+def time_repeated(fn: Callable, device: str, reps: int, warmup: int = 1) -> Dict[str, float]:
+    """For calls too long to block (model steps): ``reps`` timed calls after ``warmup``."""
     if device == "cuda":
-        return _summary(_time_cuda(fn, 0.0, warmup=2, min_reps=reps))
-    fn()
+        return _summary(_time_cuda(fn, 0.0, warmup=warmup, min_reps=reps))
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(reps):
         start = time.perf_counter()
@@ -544,7 +551,7 @@ def _time_model(model, cfg: Config, memory: _PeakMemory) -> dict:
     step = _train_step(model, optimizer, images, labels)
     step()  # warm-up: the optimizer state exists before memory is measured
     peak = memory.measure(step)
-    train_t = time_repeated(step, cfg.device, cfg.model_reps)
+    train_t = time_repeated(step, cfg.device, cfg.model_reps, warmup=0)
     model.eval()
     return dict(infer_ms=infer_t["median_ms"], infer_min_ms=infer_t["min_ms"], infer_max_ms=infer_t["max_ms"],
                 images_per_s=cfg.model_batch / (infer_t["median_ms"] * 1e-3),
@@ -552,23 +559,22 @@ def _time_model(model, cfg: Config, memory: _PeakMemory) -> dict:
                 peak_mem_mb=peak, peak_mem_method=memory.method)
 
 
-def _model_variants(model, cfg: Config):
-    """(impl, module) for each model implementation asked for that can be built."""
-    for impl in cfg.model_impls:
+def _model_impls(name: str, cfg: Config) -> List[str]:
+    return [i for i in cfg.model_impls if i != "compile" or name in cfg.compile_models]
+
+
+def _model_variants(model, model_name: str, cfg: Config, convert_model):
+    """(impl, module) for each model implementation asked for."""
+    for impl in _model_impls(model_name, cfg):
         if impl == "original":
             yield impl, model
         elif impl == "converted":
-            convert_model, reason = _converter()
-            if convert_model is None:
-                if reason not in cfg.notes:
-                    cfg.notes.append(reason)
-                continue
             yield impl, convert_model(model, inplace=False)
         elif impl == "compile":
             yield impl, torch.compile(model)
 
 
-def bench_model(name: str, cfg: Config, progress) -> List[dict]:
+def bench_model(name: str, cfg: Config, convert_model, progress) -> List[dict]:
     import timm
 
     torch.manual_seed(0)
@@ -577,7 +583,7 @@ def bench_model(name: str, cfg: Config, progress) -> List[dict]:
     params_m = sum(p.numel() for p in model.parameters()) / 1e6
     memory = _PeakMemory(cfg.device)
     rows = []
-    for impl, variant in _model_variants(model, cfg):
+    for impl, variant in _model_variants(model, name, cfg, convert_model):
         progress.set_postfix_str(f"{name} {impl}")
         # MACs of the module torch.compile wraps: compiling does not change the math.
         counted = getattr(variant, "_orig_mod", variant).eval()
@@ -596,10 +602,15 @@ def bench_model(name: str, cfg: Config, progress) -> List[dict]:
 
 
 def run_models(cfg: Config, progress_factory) -> List[dict]:
+    convert_model, reason = _converter()
+    if convert_model is None and "converted" in cfg.model_impls:
+        cfg.notes.append(reason)
+        cfg.model_impls = [i for i in cfg.model_impls if i != "converted"]
     rows = []
-    with progress_factory(total=len(cfg.models) * len(cfg.model_impls), desc="models") as progress:
+    total = sum(len(_model_impls(name, cfg)) for name in cfg.models)
+    with progress_factory(total=total, desc="models") as progress:
         for name in cfg.models:
-            rows += bench_model(name, cfg, progress)
+            rows += bench_model(name, cfg, convert_model, progress)
     return rows
 
 
@@ -674,7 +685,9 @@ def _machine(device: str) -> str:
 
 def _preamble(results: dict) -> List[str]:
     lines = [f"device: {results['device']}  |  torch {results['torch']}  |  {results['timestamp']}",
-             f"copy bandwidth (read + write): {results['copy_bandwidth_gbs']:.1f} GB/s"]
+             f"copy bandwidth (read + write): {results['copy_bandwidth_gbs']:.1f} GB/s  |  "
+             f"1-min load average at start/end: {_fmt(results['load_average'][0])}/{_fmt(results['load_average'][1])} "
+             f"on {os.cpu_count()} CPUs"]
     if results["ops"]:
         lines.append("floor = fused bytes (DESIGN.md s5: fwd 3*E*s, bwd 5*E*s) / copy bandwidth; "
                      "% floor = floor / median; MB (model): bytes each form moves by that model "
@@ -723,12 +736,16 @@ def write_plot(results: dict, path: str) -> None:
     for ax, key, title in ((axes[0], "speedup_vs_eager", "speedup over eager (x)"),
                            (axes[1], "frac_floor", "fraction of the byte floor reached")):
         for i, impl in enumerate(impls):
+            if key == "speedup_vs_eager" and impl == "eager":
+                continue  # 1 by definition: the gray line
             ys = [value[c + (impl,)][key] if c + (impl,) in value else 0 for c in cases]
-            ax.bar([j + i * width for j in range(len(cases))], ys, width, label=impl)
+            ax.bar([j + i * width for j in range(len(cases))], ys, width, label=impl, color=f"C{i}")
         ax.set_ylabel(title)
         ax.grid(axis="y", alpha=0.3)
     axes[0].axhline(1.0, color="gray", lw=0.8)
-    axes[0].legend(ncol=len(impls), fontsize=8)
+    axes[0].set_yscale("log")  # speedups span slower-than-eager to two orders faster
+    for ax in axes:
+        ax.legend(ncol=len(impls), fontsize=8)
     labels = [f"{s[1]}x{s[2]}x{s[3]} n{s[0]}\n{d} {'CL' if l == 'channels_last' else 'NCHW'} {p}"
               for s, d, l, p in cases]
     axes[1].set_xticks([j + 0.4 - width / 2 for j in range(len(cases))], labels, fontsize=7, rotation=45, ha="right")
@@ -773,7 +790,16 @@ def _write(path: str, text: str) -> None:
         f.write(text)
 
 
+def _load_average() -> Optional[float]:
+    """The 1-minute load average: other processes on the machine scatter CPU timings."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
 def run(cfg: Config, progress_factory, command: str) -> dict:
+    load_at_start = _load_average()
     bandwidth = copy_bandwidth_gbs(cfg.device, cfg.min_run_time)
     results = dict(
         device=_machine(cfg.device), device_type=cfg.device, torch=torch.__version__,
@@ -783,6 +809,7 @@ def run(cfg: Config, progress_factory, command: str) -> dict:
         ops=run_ops(cfg, bandwidth, progress_factory) if cfg.run_ops else [],
         models=run_models(cfg, progress_factory) if cfg.run_models and cfg.models else [],
     )
+    results["load_average"] = [load_at_start, _load_average()]
     results["notes"] = cfg.notes
     return results
 
@@ -790,6 +817,8 @@ def run(cfg: Config, progress_factory, command: str) -> dict:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cfg = make_config(args)
     if cfg.run_models and cfg.models and not flops.fvcore_available():
         cfg.notes.append("fvcore is not installed: MACs come from torch.utils.flop_counter (convolutions and matmuls only)")
