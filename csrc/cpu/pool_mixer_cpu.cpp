@@ -75,15 +75,6 @@ inline acc_t lane_sum(Vectorized<acc_t> v) {
   return s;
 }
 
-// dst[i] += src[i]; src may be a narrower type (a row of x).
-template <typename acc_t, typename src_t>
-inline void add_into(acc_t* dst, const src_t* src, int64_t length) {
-  for (int64_t i = 0; i < length; i += kLanes<acc_t>) {
-    const int64_t n = std::min(kLanes<acc_t>, length - i);
-    store(dst + i, load<acc_t>(dst + i, n) + load<acc_t>(src + i, n), n);
-  }
-}
-
 // ---------------------------------------------------------------------------------------
 // Problem geometry.
 
@@ -185,33 +176,23 @@ struct HorizontalSum {
   }
 };
 
-// Positions per column tile in channels_last: a channels_last row is W * C values, so the
-// k rows a window reads would not stay in L1; tiles of about this many values do.
-constexpr int64_t kTileValues = 1024;
-
 // For each row h in [h_begin, h_end): the vertical sums over the window's rows of
 // `source(row, offset, lanes, c, w)` -- read straight from memory, where the rows of a
 // window are cache-resident -- then `emit(h, span, box)` with the horizontal sum as `box`.
-// channels_last rows are cut into column tiles (plus the horizontal halo) so that the
-// window's rows stay in L1; NCHW rows are short and are done whole.
 template <bool kCL, typename acc_t, typename Source, typename Emit>
 void box_sum_rows(const Geometry<acc_t>& g, int64_t h_begin, int64_t h_end, RowScratch<acc_t>& s,
                   Source source, Emit emit) {
   const int64_t rh = effective_radius(g.radius, g.H);
-  const int64_t tile = kCL ? std::max<int64_t>(2, kTileValues / g.C) : g.W;
+  const Span row{0, g.W};
   acc_t* col = s.row();
-  for (int64_t w0 = 0; w0 < g.W; w0 += tile) {
-    const Span out{w0, std::min(g.W, w0 + tile)};
-    const Span halo{std::max<int64_t>(0, w0 - s.rw), std::min(g.W, out.end + s.rw)};
-    for (int64_t h = h_begin; h < h_end; ++h) {
-      const int64_t hb = window_begin(h, rh), he = window_end(h, rh, g.H);
-      for_each_chunk<kCL>(g, halo, [&](int64_t o, int64_t lanes, int64_t c, int64_t w) {
-        Vectorized<acc_t> v = source(hb, o, lanes, c, w);
-        for (int64_t hh = hb + 1; hh <= he; ++hh) v += source(hh, o, lanes, c, w);
-        store(col + o, v, lanes);
-      });
-      emit(h, out, HorizontalSum<acc_t>{col, s.rw, s.S});
-    }
+  for (int64_t h = h_begin; h < h_end; ++h) {
+    const int64_t hb = window_begin(h, rh), he = window_end(h, rh, g.H);
+    for_each_chunk<kCL>(g, row, [&](int64_t o, int64_t lanes, int64_t c, int64_t w) {
+      Vectorized<acc_t> v = source(hb, o, lanes, c, w);
+      for (int64_t hh = hb + 1; hh <= he; ++hh) v += source(hh, o, lanes, c, w);
+      store(col + o, v, lanes);
+    });
+    emit(h, row, HorizontalSum<acc_t>{col, s.rw, s.S});
   }
 }
 
@@ -262,6 +243,22 @@ inline acc_t unrolled_sum(int64_t count, F f) {
   }
   for (; i < count; i += V) s0 += f(i, std::min(V, count - i));
   return lane_sum((s0 + s1) + (s2 + s3));
+}
+
+// Lane-wise sum of f(p) for p in [0, count), four independent accumulators.
+template <typename acc_t, typename F>
+inline Vectorized<acc_t> column_sum(int64_t count, F f) {
+  using Vec = Vectorized<acc_t>;
+  Vec s0(acc_t(0)), s1(acc_t(0)), s2(acc_t(0)), s3(acc_t(0));
+  int64_t p = 0;
+  for (; p + 4 <= count; p += 4) {
+    s0 += f(p);
+    s1 += f(p + 1);
+    s2 += f(p + 2);
+    s3 += f(p + 3);
+  }
+  for (; p < count; ++p) s0 += f(p);
+  return (s0 + s1) + (s2 + s3);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -316,23 +313,30 @@ void stats_channels_last(const scalar_t* x, int64_t N, int64_t C, int64_t G, int
       const int64_t p0 = b * per_block, p1 = std::min(positions, p0 + per_block);
       if (p1 <= p0) continue;
       const scalar_t* base = x + n * positions * C;
-      std::fill(channel_sum.begin(), channel_sum.end(), acc_t(0));
-      std::fill(channel_m2.begin(), channel_m2.end(), acc_t(0));
-      for (int64_t p = p0; p < p1; ++p) add_into(channel_sum.data(), base + p * C, C);
+      // Channel chunks outer, positions inner: the sums stay in registers (a per-position
+      // pass over C would chain every add through memory).  The block is L1-resident.
+      const int64_t np = p1 - p0;
+      for (int64_t c = 0; c < C; c += kLanes<acc_t>) {
+        const int64_t lanes = std::min(kLanes<acc_t>, C - c);
+        const scalar_t* at = base + p0 * C + c;
+        store(channel_sum.data() + c, column_sum<acc_t>(np, [&](int64_t p) {
+          return load<acc_t>(at + p * C, lanes);
+        }), lanes);
+      }
       const acc_t count = acc_t((p1 - p0) * Cg);
       for (int64_t g = 0; g < G; ++g) {
         acc_t s = 0;
         for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) s += channel_sum[c];
         std::fill(channel_mean.begin() + g * Cg, channel_mean.begin() + (g + 1) * Cg, s / count);
       }
-      for (int64_t p = p0; p < p1; ++p) {
-        for (int64_t c = 0; c < C; c += kLanes<acc_t>) {
-          const int64_t lanes = std::min(kLanes<acc_t>, C - c);
-          const auto d = first_lanes(
-              load<acc_t>(base + p * C + c, lanes) - load<acc_t>(channel_mean.data() + c, lanes),
-              lanes);
-          store(channel_m2.data() + c, load<acc_t>(channel_m2.data() + c, lanes) + d * d, lanes);
-        }
+      for (int64_t c = 0; c < C; c += kLanes<acc_t>) {
+        const int64_t lanes = std::min(kLanes<acc_t>, C - c);
+        const scalar_t* at = base + p0 * C + c;
+        const auto mean = load<acc_t>(channel_mean.data() + c, lanes);
+        store(channel_m2.data() + c, column_sum<acc_t>(np, [&](int64_t p) {
+          const auto d = first_lanes(load<acc_t>(at + p * C, lanes) - mean, lanes);
+          return d * d;
+        }), lanes);
       }
       for (int64_t g = 0; g < G; ++g) {
         acc_t m2 = 0;
