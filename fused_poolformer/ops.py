@@ -7,7 +7,6 @@ registered here: the forward saves x, mean and rstd (and the small vectors) -- n
 else of size N*C*H*W -- and the backward operator returns every gradient in one pass.
 """
 
-import os
 from typing import Optional
 
 import torch
@@ -64,6 +63,16 @@ def triton_available() -> bool:
     return _triton_ops() is not None
 
 
+def triton_interpreted() -> bool:
+    """Whether the Triton kernels were defined under TRITON_INTERPRET=1 (so they run on CPU
+    tensors); triton.jit reads the variable when the kernels are imported, not per call."""
+    if not triton_available():
+        return False
+    from . import triton_kernels
+
+    return bool(triton_kernels._INTERPRET)
+
+
 def available_backends(device: str = "cpu") -> list:
     """Backends that can serve tensors on ``device`` ("cpu" or "cuda") in this process."""
     dev = torch.device(device).type
@@ -72,7 +81,7 @@ def available_backends(device: str = "cpu") -> list:
         out.append("cpu")
     if dev == "cuda" and HAS_CUDA_KERNELS:
         out.append("cuda")
-    if triton_available() and (dev == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
+    if triton_available() and (dev == "cuda" or triton_interpreted()):
         out.append("triton")
     out.append("reference")
     return out
@@ -150,8 +159,11 @@ def choose_backend(backend: str, x: Tensor) -> str:
     if backend == "triton":
         if not triton_available():
             raise RuntimeError("pool_mixer: backend='triton' is unavailable: triton cannot be imported")
-        if dev == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError("pool_mixer: backend='triton' serves CPU tensors only under TRITON_INTERPRET=1")
+        if dev == "cpu" and not triton_interpreted():
+            raise ValueError(
+                "pool_mixer: backend='triton' serves CPU tensors only when TRITON_INTERPRET=1 was set "
+                "before fused_poolformer.triton_kernels was imported"
+            )
         if dev not in ("cpu", "cuda"):
             raise ValueError(f"pool_mixer: backend='triton' cannot serve a tensor on {x.device}")
     return backend

@@ -13,7 +13,10 @@ DIFFERENTIABLE = ("weight", "bias", "layer_scale", "res_scale")
 def fused_backends(device="cpu"):
     """Every backend that runs fused kernels on ``device`` in this process (new ones are
     picked up as they are built)."""
-    return [b for b in fused_poolformer.available_backends(device) if b != "reference"]
+    # The Triton interpreter is too slow for these sweeps; tests/test_triton.py covers
+    # the Triton kernels on the CPU.
+    skip = ("reference", "triton") if torch.device(device).type == "cpu" else ("reference",)
+    return [b for b in fused_poolformer.available_backends(device) if b not in skip]
 
 
 def forward_backward(fn, x, kw, grad_y, wanted=("x",) + DIFFERENTIABLE, **opts):
