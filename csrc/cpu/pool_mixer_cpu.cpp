@@ -59,6 +59,29 @@ inline void store(scalar_t* p, Vectorized<acc_t> v, int64_t n) {
   }
 }
 
+// Stores a chunk of an output tensor (y, dx).  Outputs are written once and not read
+// back, so full aligned float chunks bypass the cache (non-temporal stores): that saves
+// the read-for-ownership of every output line, a third of the forward's memory traffic.
+// Call output_fence() before the written memory is handed to another thread.
+template <typename scalar_t, typename acc_t>
+inline void store_output(scalar_t* p, Vectorized<acc_t> v, int64_t n) {
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+    if (n == kLanes<acc_t> && (reinterpret_cast<uintptr_t>(p) & 31) == 0) {
+      _mm256_stream_ps(p, __m256(v));
+      return;
+    }
+  }
+#endif
+  store(p, v, n);
+}
+
+inline void output_fence() {
+#if defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
+
 // Keep the first n lanes of v, zero the rest (so a NaN never leaks from padding lanes).
 template <typename acc_t>
 inline Vectorized<acc_t> first_lanes(Vectorized<acc_t> v, int64_t n) {
@@ -207,6 +230,7 @@ void for_each_task(const Geometry<acc_t>& g, Body body) {
       const int64_t h_end = std::min(g.H, h_begin + g.rows_per_chunk);
       body(plane, chunk, h_begin, h_end, scratch);
     }
+    output_fence();
   });
 }
 
@@ -379,7 +403,7 @@ void forward_apply(const Geometry<acc_t>& g, const scalar_t* x, scalar_t* y, con
         const Vec xv = load<acc_t>(xp + h * g.L + o, lanes);
         const Vec pooled = box(o, lanes) * inv_h * per_position<kCL>(g, w, lanes);
         const Vec xc = xv - per_channel<kCL>(shift, c, lanes);
-        store(yp + h * g.L + o,
+        store_output(yp + h * g.L + o,
               per_channel<kCL>(res, c, lanes) * xv + per_channel<kCL>(coef, c, lanes) * (pooled - xc),
               lanes);
       });
@@ -489,7 +513,7 @@ void backward_dx(const Geometry<acc_t>& g, const scalar_t* x, const scalar_t* dy
         const Vec out = per_channel<kCL>(res, c, lanes) * grad +
                         per_channel<kCL>(coef_nc + f, c, lanes) * (box(o, lanes) - grad) -
                         per_channel<kCL>(corr_nc + f, c, lanes) * xc;
-        store(dx + at, out, lanes);
+        store_output(dx + at, out, lanes);
       });
     };
     box_sum_rows<kCL>(g, h_begin, h_end, scratch, spread, emit);
