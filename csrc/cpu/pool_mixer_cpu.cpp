@@ -199,12 +199,21 @@ struct HorizontalSum {
   }
 };
 
+// No scaling of the column sums.
+struct Unscaled {
+  template <typename Vec>
+  Vec operator()(Vec v, int64_t, int64_t) const {
+    return v;
+  }
+};
+
 // For each row h in [h_begin, h_end): the vertical sums over the window's rows of
 // `source(row, offset, lanes, c, w)` -- read straight from memory, where the rows of a
-// window are cache-resident -- then `emit(h, span, box)` with the horizontal sum as `box`.
-template <bool kCL, typename acc_t, typename Source, typename Emit>
+// window are cache-resident -- times `scale(sum, lanes, w)` (a factor shared by a column),
+// then `emit(h, span, box)` with the horizontal sum as `box`.
+template <bool kCL, typename acc_t, typename Source, typename Emit, typename Scale = Unscaled>
 void box_sum_rows(const Geometry<acc_t>& g, int64_t h_begin, int64_t h_end, RowScratch<acc_t>& s,
-                  Source source, Emit emit) {
+                  Source source, Emit emit, Scale scale = {}) {
   const int64_t rh = effective_radius(g.radius, g.H);
   const Span row{0, g.W};
   acc_t* col = s.row();
@@ -213,7 +222,7 @@ void box_sum_rows(const Geometry<acc_t>& g, int64_t h_begin, int64_t h_end, RowS
     for_each_chunk<kCL>(g, row, [&](int64_t o, int64_t lanes, int64_t c, int64_t w) {
       Vectorized<acc_t> v = source(hb, o, lanes, c, w);
       for (int64_t hh = hb + 1; hh <= he; ++hh) v += source(hh, o, lanes, c, w);
-      store(col + o, v, lanes);
+      store(col + o, scale(v, lanes, w), lanes);
     });
     emit(h, row, HorizontalSum<acc_t>{col, s.rw, s.S});
   }
@@ -500,10 +509,14 @@ void backward_dx(const Geometry<acc_t>& g, const scalar_t* x, const scalar_t* dy
     const int64_t offset = plane * g.plane_numel();
     const int64_t f = plane_factor_offset(g, plane);
     const acc_t* res = res_c + plane_channel(g, plane);
-    // The adjoint of the pool spreads dy / cnt over the window: box sums of dy / cnt.
-    auto spread = [&](int64_t h, int64_t o, int64_t lanes, int64_t, int64_t w) {
-      return load<acc_t>(dy + offset + h * g.L + o, lanes) *
-             (Vec(g.inv_h[h]) * per_position<kCL>(g, w, lanes));
+    // The adjoint of the pool spreads dy / cnt over the window: box sums of dy / cnt, with
+    // cnt = cnt_h * cnt_w.  1/cnt_h goes in per row; 1/cnt_w is shared by a column, so it
+    // scales the column sum once.
+    auto spread = [&](int64_t h, int64_t o, int64_t lanes, int64_t, int64_t) {
+      return load<acc_t>(dy + offset + h * g.L + o, lanes) * Vec(g.inv_h[h]);
+    };
+    auto per_column = [&](Vec v, int64_t lanes, int64_t w) {
+      return v * per_position<kCL>(g, w, lanes);
     };
     auto emit = [&](int64_t h, Span span, const HorizontalSum<acc_t>& box) {
       for_each_chunk<kCL>(g, span, [&](int64_t o, int64_t lanes, int64_t c, int64_t) {
@@ -516,7 +529,7 @@ void backward_dx(const Geometry<acc_t>& g, const scalar_t* x, const scalar_t* dy
         store_output(dx + at, out, lanes);
       });
     };
-    box_sum_rows<kCL>(g, h_begin, h_end, scratch, spread, emit);
+    box_sum_rows<kCL>(g, h_begin, h_end, scratch, spread, emit, per_column);
   });
 }
 
