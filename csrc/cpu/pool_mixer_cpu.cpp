@@ -37,10 +37,28 @@ using at::vec::Vectorized;
 template <typename acc_t>
 constexpr int64_t kLanes = Vectorized<acc_t>::size();
 
+#if defined(CPU_CAPABILITY_AVX2)
+// Lane masks for the tail of a row (short rows -- W = 7, 14, 28 -- are mostly tail):
+// masked loads and stores instead of at::vec's copy through a stack buffer.
+alignas(64) constexpr int32_t kTailMask[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+alignas(64) constexpr int64_t kTailMask64[8] = {-1, -1, -1, -1, 0, 0, 0, 0};
+inline __m256i float_tail_mask(int64_t n) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kTailMask + 8 - n));
+}
+inline __m256i double_tail_mask(int64_t n) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kTailMask64 + 4 - n));
+}
+#endif
+
 template <typename acc_t, typename scalar_t>
 inline Vectorized<acc_t> load(const scalar_t* p, int64_t n) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    return n == kLanes<acc_t> ? Vectorized<acc_t>::loadu(p) : Vectorized<acc_t>::loadu(p, n);
+    if (n == kLanes<acc_t>) return Vectorized<acc_t>::loadu(p);
+#if defined(CPU_CAPABILITY_AVX2)
+    if constexpr (std::is_same_v<acc_t, float>) return _mm256_maskload_ps(p, float_tail_mask(n));
+    if constexpr (std::is_same_v<acc_t, double>) return _mm256_maskload_pd(p, double_tail_mask(n));
+#endif
+    return Vectorized<acc_t>::loadu(p, n);
   } else {
     alignas(64) acc_t tmp[kLanes<acc_t>] = {};
     for (int64_t i = 0; i < n; ++i) tmp[i] = static_cast<acc_t>(p[i]);
@@ -51,6 +69,7 @@ inline Vectorized<acc_t> load(const scalar_t* p, int64_t n) {
 template <typename scalar_t, typename acc_t>
 inline void store(scalar_t* p, Vectorized<acc_t> v, int64_t n) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    // (No masked store: vmaskmov stores are microcoded and slow on some x86 cores.)
     n == kLanes<acc_t> ? v.store(p) : v.store(p, static_cast<int>(n));
   } else {
     alignas(64) acc_t tmp[kLanes<acc_t>];
@@ -63,11 +82,14 @@ inline void store(scalar_t* p, Vectorized<acc_t> v, int64_t n) {
 // back, so full aligned float chunks bypass the cache (non-temporal stores): that saves
 // the read-for-ownership of every output line, a third of the forward's memory traffic.
 // Call output_fence() before the written memory is handed to another thread.
+// `streaming` must be decided per tensor (Geometry::stream_outputs): a cache line written
+// partly by non-temporal and partly by ordinary stores is far slower than either.
 template <typename scalar_t, typename acc_t>
-inline void store_output(scalar_t* p, Vectorized<acc_t> v, int64_t n) {
+inline void store_output(scalar_t* p, Vectorized<acc_t> v, int64_t n, bool streaming) {
 #if defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
-    if (n == kLanes<acc_t> && (reinterpret_cast<uintptr_t>(p) & 31) == 0) {
+    // With whole-vector rows, all chunks of an output share the base's alignment.
+    if (streaming && (reinterpret_cast<uintptr_t>(p) & 31) == 0) {
       _mm256_stream_ps(p, __m256(v));
       return;
     }
@@ -107,6 +129,7 @@ struct Geometry {
   bool channels_last;
   int64_t S, L, planes, chunks, rows_per_chunk;
   std::vector<acc_t> inv_h, inv_w;  // 1 / valid-tap count along each axis
+  bool stream_outputs;  // every output chunk is a full, 32-byte aligned float vector
 
   int64_t tasks() const { return planes * chunks; }
   int64_t plane_numel() const { return H * L; }
@@ -131,6 +154,9 @@ Geometry<acc_t> make_geometry(const at::Tensor& x, int64_t num_groups, int64_t p
   const int64_t chunks = std::clamp<int64_t>(want, 1, std::max<int64_t>(g.H, 1));
   g.rows_per_chunk = (g.H + chunks - 1) / chunks;
   g.chunks = g.H > 0 ? (g.H + g.rows_per_chunk - 1) / g.rows_per_chunk : 1;
+  // Rows of whole vectors: every output store is a full vector, so a float output can
+  // bypass the cache (store_output) without mixing store kinds within a line.
+  g.stream_outputs = x.scalar_type() == at::kFloat && g.L % kLanes<acc_t> == 0;
   g.inv_h.resize(g.H);
   g.inv_w.resize(g.W);
   for (int64_t h = 0; h < g.H; ++h) g.inv_h[h] = acc_t(1) / acc_t(window_count(h, g.radius, g.H));
@@ -414,7 +440,7 @@ void forward_apply(const Geometry<acc_t>& g, const scalar_t* x, scalar_t* y, con
         const Vec xc = xv - per_channel<kCL>(shift, c, lanes);
         store_output(yp + h * g.L + o,
               per_channel<kCL>(res, c, lanes) * xv + per_channel<kCL>(coef, c, lanes) * (pooled - xc),
-              lanes);
+              lanes, g.stream_outputs);
       });
     };
     box_sum_rows<kCL>(g, h_begin, h_end, scratch, centered, emit);
@@ -526,7 +552,7 @@ void backward_dx(const Geometry<acc_t>& g, const scalar_t* x, const scalar_t* dy
         const Vec out = per_channel<kCL>(res, c, lanes) * grad +
                         per_channel<kCL>(coef_nc + f, c, lanes) * (box(o, lanes) - grad) -
                         per_channel<kCL>(corr_nc + f, c, lanes) * xc;
-        store_output(dx + at, out, lanes);
+        store_output(dx + at, out, lanes, g.stream_outputs);
       });
     };
     box_sum_rows<kCL>(g, h_begin, h_end, scratch, spread, emit, per_column);
