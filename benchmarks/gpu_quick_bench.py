@@ -52,7 +52,7 @@ def copy_bandwidth():
 
 def make_case(shape, dtype, channels_last):
     g = torch.Generator(device="cuda").manual_seed(0)
-    n, c = shape[0], shape[1]
+    c = shape[1]
     x = torch.randn(shape, generator=g, device="cuda").to(dtype)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)

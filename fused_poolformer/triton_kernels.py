@@ -357,7 +357,7 @@ class _Geometry:
         self.G = num_groups
         self.CPG = self.C // num_groups
         self.channels_last = dense_format(x) == torch.channels_last
-        N, C, H, W = self.N, self.C, self.H, self.W
+        C, H, W = self.C, self.H, self.W
         if self.channels_last:
             self.strides = (H * W * C, 1, W * C, C)
         else:

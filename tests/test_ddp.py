@@ -2,7 +2,6 @@
 loopback) with the gradients of the unfused model, drop path included."""
 
 import datetime
-import os
 import socket
 import time
 
