@@ -37,28 +37,10 @@ using at::vec::Vectorized;
 template <typename acc_t>
 constexpr int64_t kLanes = Vectorized<acc_t>::size();
 
-#if defined(CPU_CAPABILITY_AVX2)
-// Lane masks for the tail of a row (short rows -- W = 7, 14, 28 -- are mostly tail):
-// masked loads and stores instead of at::vec's copy through a stack buffer.
-alignas(64) constexpr int32_t kTailMask[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
-alignas(64) constexpr int64_t kTailMask64[8] = {-1, -1, -1, -1, 0, 0, 0, 0};
-inline __m256i float_tail_mask(int64_t n) {
-  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kTailMask + 8 - n));
-}
-inline __m256i double_tail_mask(int64_t n) {
-  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kTailMask64 + 4 - n));
-}
-#endif
-
 template <typename acc_t, typename scalar_t>
 inline Vectorized<acc_t> load(const scalar_t* p, int64_t n) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    if (n == kLanes<acc_t>) return Vectorized<acc_t>::loadu(p);
-#if defined(CPU_CAPABILITY_AVX2)
-    if constexpr (std::is_same_v<acc_t, float>) return _mm256_maskload_ps(p, float_tail_mask(n));
-    if constexpr (std::is_same_v<acc_t, double>) return _mm256_maskload_pd(p, double_tail_mask(n));
-#endif
-    return Vectorized<acc_t>::loadu(p, n);
+    return n == kLanes<acc_t> ? Vectorized<acc_t>::loadu(p) : Vectorized<acc_t>::loadu(p, n);
   } else {
     alignas(64) acc_t tmp[kLanes<acc_t>] = {};
     for (int64_t i = 0; i < n; ++i) tmp[i] = static_cast<acc_t>(p[i]);
@@ -164,23 +146,18 @@ Geometry<acc_t> make_geometry(const at::Tensor& x, int64_t num_groups, int64_t p
   return g;
 }
 
-// A run [begin, end) of positions w along a row.
-struct Span {
-  int64_t begin, end;
-};
-
-// Per-element loops over the positions `span` of one row.  In NCHW the per-channel factors
-// of a plane are scalars and the per-position factor (1/cnt_w) is a vector along W; in
-// channels_last it is the other way round.  `f(offset, lanes, c, w)` gets the row offset
-// of a chunk of `lanes` elements that share position w (channels_last) or channel c (NCHW).
+// Per-element loops over one row.  In NCHW the per-channel factors of a plane are scalars
+// and the per-position factor (1/cnt_w) is a vector along W; in channels_last it is the
+// other way round.  `f(offset, lanes, c, w)` gets the row offset of a chunk of `lanes`
+// elements that share position w (channels_last) or channel c (NCHW).
 template <bool kCL, typename acc_t, typename F>
-inline void for_each_chunk(const Geometry<acc_t>& g, Span span, F f) {
+inline void for_each_chunk(const Geometry<acc_t>& g, F f) {
   constexpr int64_t V = kLanes<acc_t>;
   if constexpr (kCL) {
-    for (int64_t w = span.begin; w < span.end; ++w)
+    for (int64_t w = 0; w < g.W; ++w)
       for (int64_t c = 0; c < g.C; c += V) f(w * g.C + c, std::min(V, g.C - c), c, w);
   } else {
-    for (int64_t w = span.begin; w < span.end; w += V) f(w, std::min(V, span.end - w), int64_t(0), w);
+    for (int64_t w = 0; w < g.W; w += V) f(w, std::min(V, g.W - w), int64_t(0), w);
   }
 }
 
@@ -236,21 +213,20 @@ struct Unscaled {
 // For each row h in [h_begin, h_end): the vertical sums over the window's rows of
 // `source(row, offset, lanes, c, w)` -- read straight from memory, where the rows of a
 // window are cache-resident -- times `scale(sum, lanes, w)` (a factor shared by a column),
-// then `emit(h, span, box)` with the horizontal sum as `box`.
+// then `emit(h, box)` with the horizontal sum as `box`.
 template <bool kCL, typename acc_t, typename Source, typename Emit, typename Scale = Unscaled>
 void box_sum_rows(const Geometry<acc_t>& g, int64_t h_begin, int64_t h_end, RowScratch<acc_t>& s,
                   Source source, Emit emit, Scale scale = {}) {
   const int64_t rh = effective_radius(g.radius, g.H);
-  const Span row{0, g.W};
   acc_t* col = s.row();
   for (int64_t h = h_begin; h < h_end; ++h) {
     const int64_t hb = window_begin(h, rh), he = window_end(h, rh, g.H);
-    for_each_chunk<kCL>(g, row, [&](int64_t o, int64_t lanes, int64_t c, int64_t w) {
+    for_each_chunk<kCL>(g, [&](int64_t o, int64_t lanes, int64_t c, int64_t w) {
       Vectorized<acc_t> v = source(hb, o, lanes, c, w);
       for (int64_t hh = hb + 1; hh <= he; ++hh) v += source(hh, o, lanes, c, w);
       store(col + o, scale(v, lanes, w), lanes);
     });
-    emit(h, row, HorizontalSum<acc_t>{col, s.rw, s.S});
+    emit(h, HorizontalSum<acc_t>{col, s.rw, s.S});
   }
 }
 
@@ -432,9 +408,9 @@ void forward_apply(const Geometry<acc_t>& g, const scalar_t* x, scalar_t* y, con
     auto centered = [&](int64_t h, int64_t o, int64_t lanes, int64_t c, int64_t) {
       return load<acc_t>(xp + h * g.L + o, lanes) - per_channel<kCL>(shift, c, lanes);
     };
-    auto emit = [&](int64_t h, Span span, const HorizontalSum<acc_t>& box) {
+    auto emit = [&](int64_t h, const HorizontalSum<acc_t>& box) {
       const Vec inv_h(g.inv_h[h]);
-      for_each_chunk<kCL>(g, span, [&](int64_t o, int64_t lanes, int64_t c, int64_t w) {
+      for_each_chunk<kCL>(g, [&](int64_t o, int64_t lanes, int64_t c, int64_t w) {
         const Vec xv = load<acc_t>(xp + h * g.L + o, lanes);
         const Vec pooled = box(o, lanes) * inv_h * per_position<kCL>(g, w, lanes);
         const Vec xc = xv - per_channel<kCL>(shift, c, lanes);
@@ -474,11 +450,11 @@ void backward_sums(const Geometry<acc_t>& g, const scalar_t* x, const scalar_t* 
     auto centered = [&](int64_t h, int64_t o, int64_t lanes, int64_t c, int64_t) {
       return load<acc_t>(xp + h * g.L + o, lanes) - per_channel<kCL>(shift, c, lanes);
     };
-    auto emit = [&](int64_t h, Span span, const HorizontalSum<acc_t>& box) {
+    auto emit = [&](int64_t h, const HorizontalSum<acc_t>& box) {
       const Vec inv_h(g.inv_h[h]);
       // NCHW: one channel per plane, so the row's sums stay in registers.
       Vec row_d(acc_t(0)), row_x(acc_t(0));
-      for_each_chunk<kCL>(g, span, [&](int64_t o, int64_t lanes, int64_t c, int64_t w) {
+      for_each_chunk<kCL>(g, [&](int64_t o, int64_t lanes, int64_t c, int64_t w) {
         const Vec xv = load<acc_t>(xp + h * g.L + o, lanes);
         const Vec grad = load<acc_t>(dyp + h * g.L + o, lanes);
         const Vec d = box(o, lanes) * inv_h * per_position<kCL>(g, w, lanes) -
@@ -544,8 +520,8 @@ void backward_dx(const Geometry<acc_t>& g, const scalar_t* x, const scalar_t* dy
     auto per_column = [&](Vec v, int64_t lanes, int64_t w) {
       return v * per_position<kCL>(g, w, lanes);
     };
-    auto emit = [&](int64_t h, Span span, const HorizontalSum<acc_t>& box) {
-      for_each_chunk<kCL>(g, span, [&](int64_t o, int64_t lanes, int64_t c, int64_t) {
+    auto emit = [&](int64_t h, const HorizontalSum<acc_t>& box) {
+      for_each_chunk<kCL>(g, [&](int64_t o, int64_t lanes, int64_t c, int64_t) {
         const int64_t at = offset + h * g.L + o;
         const Vec grad = load<acc_t>(dy + at, lanes);
         const Vec xc = load<acc_t>(x + at, lanes) - per_channel<kCL>(shift_nc + f, c, lanes);
