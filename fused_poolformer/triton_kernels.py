@@ -122,6 +122,21 @@ def _inv_window_count(o, RADIUS: tl.constexpr, L, ACC: tl.constexpr):
 
 
 @triton.jit
+def _tile_cells(oc, oh, ow, cmask, H, W, s_c, s_h, s_w):
+    """The (rows, columns, channels) cells of a tile inside the tensor, and their offsets."""
+    inside = (oh < H)[:, None, None] & (ow < W)[None, :, None] & cmask[None, None, :]
+    at = oh[:, None, None] * s_h + ow[None, :, None] * s_w + oc[None, None, :] * s_c
+    return inside, at
+
+
+@triton.jit
+def _tile_inv_count(oh, ow, H, W, RADIUS_H: tl.constexpr, RADIUS_W: tl.constexpr, ACC: tl.constexpr):
+    """1 / (cnt_h * cnt_w) over the tile's rows and columns (count_include_pad=False)."""
+    return 1.0 / (_window_count(oh, RADIUS_H, H)[:, None, None]
+                  * _window_count(ow, RADIUS_W, W)[None, :, None]).to(ACC)
+
+
+@triton.jit
 def _box_sum(ptr, shift, oc, oh, ow, cmask, H, W, s_c, s_h, s_w, RADIUS_H: tl.constexpr,
              RADIUS_W: tl.constexpr, SCALE_TAPS: tl.constexpr, ACC: tl.constexpr,
              BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
@@ -239,10 +254,8 @@ def _forward_apply_kernel(x_ptr, y_ptr, mean_ptr, rstd_ptr, weight_ptr, layer_pt
     base = n.to(tl.int64) * s_n
     box = _box_sum(x_ptr + base, mean, oc, oh, ow, cmask, H, W, s_c, s_h, s_w, RADIUS_H,
                    RADIUS_W, False, ACC, BLOCK_C, BLOCK_H, BLOCK_W)
-    inv_count = 1.0 / (_window_count(oh, RADIUS_H, H)[:, None, None]
-                       * _window_count(ow, RADIUS_W, W)[None, :, None]).to(ACC)
-    inside = (oh < H)[:, None, None] & (ow < W)[None, :, None] & cmask[None, None, :]
-    at = oh[:, None, None] * s_h + ow[None, :, None] * s_w + oc[None, None, :] * s_c
+    inv_count = _tile_inv_count(oh, ow, H, W, RADIUS_H, RADIUS_W, ACC)
+    inside, at = _tile_cells(oc, oh, ow, cmask, H, W, s_c, s_h, s_w)
     xv = tl.load(x_ptr + base + at, mask=inside, other=0.0).to(ACC)
     out = res[None, None, :] * xv + coef[None, None, :] * (box * inv_count - (xv - mean))
     tl.store(y_ptr + base + at, out.to(y_ptr.dtype.element_ty), mask=inside)
@@ -264,10 +277,8 @@ def _backward_sums_kernel(x_ptr, dy_ptr, mean_ptr, part_d_ptr, part_x_ptr, C, H,
     base = n.to(tl.int64) * s_n
     box = _box_sum(x_ptr + base, mean, oc, oh, ow, cmask, H, W, s_c, s_h, s_w, RADIUS_H,
                    RADIUS_W, False, ACC, BLOCK_C, BLOCK_H, BLOCK_W)
-    inv_count = 1.0 / (_window_count(oh, RADIUS_H, H)[:, None, None]
-                       * _window_count(ow, RADIUS_W, W)[None, :, None]).to(ACC)
-    inside = (oh < H)[:, None, None] & (ow < W)[None, :, None] & cmask[None, None, :]
-    at = oh[:, None, None] * s_h + ow[None, :, None] * s_w + oc[None, None, :] * s_c
+    inv_count = _tile_inv_count(oh, ow, H, W, RADIUS_H, RADIUS_W, ACC)
+    inside, at = _tile_cells(oc, oh, ow, cmask, H, W, s_c, s_h, s_w)
     xv = tl.load(x_ptr + base + at, mask=inside, other=0.0).to(ACC)
     dy = tl.load(dy_ptr + base + at, mask=inside, other=0.0).to(ACC)
     d = box * inv_count - (xv - mean)
@@ -300,8 +311,7 @@ def _backward_dx_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, corr_ptr, wei
     base = n.to(tl.int64) * s_n
     pool_t_dy = _box_sum(dy_ptr + base, 0.0, oc, oh, ow, cmask, H, W, s_c, s_h, s_w, RADIUS_H,
                          RADIUS_W, True, ACC, BLOCK_C, BLOCK_H, BLOCK_W)
-    inside = (oh < H)[:, None, None] & (ow < W)[None, :, None] & cmask[None, None, :]
-    at = oh[:, None, None] * s_h + ow[None, :, None] * s_w + oc[None, None, :] * s_c
+    inside, at = _tile_cells(oc, oh, ow, cmask, H, W, s_c, s_h, s_w)
     xv = tl.load(x_ptr + base + at, mask=inside, other=0.0).to(ACC)
     dy = tl.load(dy_ptr + base + at, mask=inside, other=0.0).to(ACC)
     out = (res[None, None, :] * dy + coef[None, None, :] * (pool_t_dy - dy)
