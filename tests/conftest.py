@@ -68,4 +68,15 @@ def assert_close_to(actual, expected, dtype):
     assert err <= tol["atol"] + tol["rtol"] * scale, f"max error {err:.3e} vs scale {scale:.3e} ({dtype})"
 
 
+def opcheck_forward_and_backward(x, kw):
+    """torch.library.opcheck on both C++ operators (whichever device x is on)."""
+    args = (x, kw["weight"], kw["bias"], kw["layer_scale"], kw["res_scale"], kw["sample_scale"], 2, 3, 1e-5)
+    x.requires_grad_(True)
+    torch.library.opcheck(torch.ops.fused_poolformer.pool_mixer_forward.default, args)
+    y, mean, rstd = torch.ops.fused_poolformer.pool_mixer_forward(*args)
+    bargs = (torch.randn_like(y), x.detach(), mean, rstd, kw["weight"], kw["layer_scale"], kw["res_scale"],
+             kw["sample_scale"], 2, 3, [True, True, False, True])
+    torch.library.opcheck(torch.ops.fused_poolformer.pool_mixer_backward.default, bargs)
+
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")

@@ -12,7 +12,8 @@ import torch
 
 import fused_poolformer as fp
 from fused_poolformer import ops
-from conftest import OPTION_NAMES, TOL, assert_close_to, call, make_inputs, reference64, requires_cuda
+from conftest import (OPTION_NAMES, TOL, assert_close_to, call, make_inputs, opcheck_forward_and_backward,
+                      reference64, requires_cuda)
 
 pytestmark = [
     requires_cuda,
@@ -151,14 +152,7 @@ def test_gradcheck_float64(channels_last):
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_opcheck(channels_last):
-    x, kw = cuda_inputs((2, 4, 5, 6), torch.float32, channels_last)
-    args = (x, kw["weight"], kw["bias"], kw["layer_scale"], kw["res_scale"], kw["sample_scale"], 2, 3, 1e-5)
-    x.requires_grad_(True)
-    torch.library.opcheck(torch.ops.fused_poolformer.pool_mixer_forward.default, args)
-    y, mean, rstd = torch.ops.fused_poolformer.pool_mixer_forward(*args)
-    bargs = (torch.randn_like(y), x.detach(), mean, rstd, kw["weight"], kw["layer_scale"], kw["res_scale"],
-             kw["sample_scale"], 2, 3, [True, True, False, True])
-    torch.library.opcheck(torch.ops.fused_poolformer.pool_mixer_backward.default, bargs)
+    opcheck_forward_and_backward(*cuda_inputs((2, 4, 5, 6), torch.float32, channels_last))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
