@@ -125,7 +125,8 @@ class Build(BuildExtension):
 
 
 def extension():
-    sources = ["csrc/module.cpp", "csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    # csrc/*.cpp: the Python module stub, the schemas, the host prologue and the autograd.
+    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     kwargs = dict(
         name="fused_poolformer._C",
         include_dirs=[os.path.join(ROOT, "csrc")],

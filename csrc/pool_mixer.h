@@ -1,10 +1,12 @@
 // Shared host/device helpers of the fused pool-mixer kernels (CPU and CUDA).
 //
-// The mixer is y = res_scale * x + a * rstd * (P x - x) (DESIGN.md section 2).  Every
-// backend needs the same three pieces of arithmetic, kept here so that there is one copy:
+// The mixer is y = res_scale * x + a * rstd * (P x - x) (docs/math.md).  Every backend
+// needs the same pieces, kept here so that there is one copy:
 //   * the window of the stride-1, padding k//2 average pool along one axis,
 //   * its valid-tap count (count_include_pad=False divides by it),
-//   * the Chan/Welford merge of partial (count, mean, M2) statistics.
+//   * the Chan/Welford merge of partial (count, mean, M2) statistics,
+//   * reading the optional parameter vectors and writing their gradients in their own
+//     dtype (x's, or float32 for a half-precision x), straight from the kernels.
 #pragma once
 
 #include <cmath>
@@ -74,5 +76,86 @@ FPM_HOST_DEVICE acc_t welford_rstd(WelfordData<acc_t> w, acc_t eps) {
   return acc_t(1) / std::sqrt(var + eps);
 #endif
 }
+
+// An optional (C,) or (N,) parameter vector as a kernel reads it: absent (data == nullptr:
+// every entry is 1), or strided values stored in x's dtype or, for a half-precision x, in
+// float32.  Passing the pointer lets the kernels form a * rstd and res_scale on the fly
+// instead of the host building coefficient tables.
+struct VectorArg {
+  const void* data = nullptr;
+  int64_t stride = 1;
+  bool is_float = false;  // stored as float32 (rather than in x's dtype)
+};
+
+// A (C,) gradient output: contiguous, in its parameter's dtype; data == nullptr when
+// nobody asked for it (the kernels then skip it).
+struct GradArg {
+  void* data = nullptr;
+  bool is_float = false;
+};
+
+template <typename scalar_t, typename acc_t>
+FPM_HOST_DEVICE acc_t read_vector(const VectorArg& v, int64_t i) {
+  if (v.data == nullptr) return acc_t(1);
+  if (v.is_float) return static_cast<acc_t>(static_cast<const float*>(v.data)[i * v.stride]);
+  return static_cast<acc_t>(static_cast<const scalar_t*>(v.data)[i * v.stride]);
+}
+
+template <typename scalar_t, typename acc_t>
+FPM_HOST_DEVICE void write_vector(const GradArg& g, int64_t i, acc_t value) {
+  if (g.data == nullptr) return;
+  if (g.is_float) {
+    static_cast<float*>(g.data)[i] = static_cast<float>(value);
+  } else {
+    static_cast<scalar_t*>(g.data)[i] = static_cast<scalar_t>(value);
+  }
+}
+
+// The parameter vectors of one call.  a[n, c] = layer_scale[c] * weight[c] *
+// sample_scale[n] is the per-(n, c) factor of the mixer term.
+struct MixerParams {
+  VectorArg weight, layer_scale, res_scale, sample_scale;
+
+  template <typename scalar_t, typename acc_t>
+  FPM_HOST_DEVICE acc_t channel_factor(int64_t c) const {  // layer_scale * weight
+    return read_vector<scalar_t, acc_t>(layer_scale, c) * read_vector<scalar_t, acc_t>(weight, c);
+  }
+  template <typename scalar_t, typename acc_t>
+  FPM_HOST_DEVICE acc_t sample_factor(int64_t n) const {
+    return read_vector<scalar_t, acc_t>(sample_scale, n);
+  }
+  template <typename scalar_t, typename acc_t>
+  FPM_HOST_DEVICE acc_t residual(int64_t c) const {
+    return read_vector<scalar_t, acc_t>(res_scale, c);
+  }
+};
+
+// The (C,) parameter gradients of one backward call (DESIGN: T[c] = sum_n rstd *
+// sample_scale * sum(D * dy), dweight = layer_scale * T, dlayer_scale = weight * T,
+// dres_scale = sum(x * dy), dbias = 0).
+struct ParamGrads {
+  GradArg weight, bias, layer_scale, res_scale;
+
+  // Writes every requested gradient of channel c from its two sums, in the gradients' dtypes.
+  template <typename scalar_t, typename acc_t>
+  FPM_HOST_DEVICE void write(const MixerParams& p, int64_t c, acc_t t, acc_t xdy) const {
+    write_vector<scalar_t, acc_t>(weight, c, read_vector<scalar_t, acc_t>(p.layer_scale, c) * t);
+    write_vector<scalar_t, acc_t>(layer_scale, c, read_vector<scalar_t, acc_t>(p.weight, c) * t);
+    write_vector<scalar_t, acc_t>(res_scale, c, xdy);
+    write_vector<scalar_t, acc_t>(bias, c, acc_t(0));
+  }
+  FPM_HOST_DEVICE bool any() const {
+    return weight.data || bias.data || layer_scale.data || res_scale.data;
+  }
+};
+
+// Shape of one call.  Group g of sample n holds channels [g * Cg, (g + 1) * Cg).
+struct MixerShape {
+  int64_t N, C, H, W, G, Cg, radius;
+  bool channels_last;
+
+  FPM_HOST_DEVICE int64_t group_numel() const { return Cg * H * W; }
+  FPM_HOST_DEVICE int64_t numel() const { return N * C * H * W; }
+};
 
 }  // namespace fused_poolformer

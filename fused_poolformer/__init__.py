@@ -5,10 +5,19 @@ kernels and drop-in modules for MetaFormer-family models."""
 from . import reference
 from .convert import ConversionReport, convert_model
 from .modules import FusedMetaFormerBlock, FusedPoolFormerBlock, FusedPoolMixer
-from .ops import BACKENDS, HAS_CPU_KERNELS, HAS_CUDA_KERNELS, available_backends, pool_mixer, triton_available
+from .ops import (
+    BACKENDS,
+    EXTENSION_ERROR,
+    HAS_CPU_KERNELS,
+    HAS_CUDA_KERNELS,
+    available_backends,
+    pool_mixer,
+    triton_available,
+)
 
 __all__ = [
     "BACKENDS",
+    "EXTENSION_ERROR",
     "ConversionReport",
     "FusedMetaFormerBlock",
     "FusedPoolFormerBlock",

@@ -148,7 +148,7 @@ def _fused_op_packets():
     from . import ops  # loads the extension, registering torch.ops.fused_poolformer.*
 
     if ops.triton_available():
-        ops._triton_ops()  # registers the Triton operators
+        ops.triton_operators()  # registers the Triton operators
     namespace = torch.ops.fused_poolformer
     present = lambda names: [getattr(namespace, n) for n in names if hasattr(namespace, n)]
     return present(_FORWARD_OPS), present(_BACKWARD_OPS)

@@ -74,9 +74,15 @@ def opcheck_forward_and_backward(x, kw):
     x.requires_grad_(True)
     torch.library.opcheck(torch.ops.fused_poolformer.pool_mixer_forward.default, args)
     y, mean, rstd = torch.ops.fused_poolformer.pool_mixer_forward(*args)
-    bargs = (torch.randn_like(y), x.detach(), mean, rstd, kw["weight"], kw["layer_scale"], kw["res_scale"],
-             kw["sample_scale"], 2, 3, [True, True, False, True])
-    torch.library.opcheck(torch.ops.fused_poolformer.pool_mixer_backward.default, bargs)
+    backward = torch.ops.fused_poolformer.pool_mixer_backward.default
+    bargs = (torch.randn_like(y), x.detach(), mean, rstd, kw["weight"], kw["bias"], kw["layer_scale"], kw["res_scale"],
+             kw["sample_scale"], 2, 3, 1e-5, [True, True, True, False, True])
+    torch.library.opcheck(backward, bargs)
+    # With inputs that require grad, the backward operator's own autograd (the
+    # differentiable double-backward formula) is checked as well.
+    grad_args = [t.detach().clone().requires_grad_(t.is_floating_point()) if isinstance(t, torch.Tensor) and i in (0, 1)
+                 else t for i, t in enumerate(bargs)]
+    torch.library.opcheck(backward, tuple(grad_args))
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")

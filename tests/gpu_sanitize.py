@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import TOL, make_inputs  # noqa: E402  (also puts the checkout on sys.path)
 from hardening_utils import forward_backward, fused_backends, random_like, reference_forward_backward  # noqa: E402
 
-from fused_poolformer import ops  # noqa: E402
+from fused_poolformer import contract, ops  # noqa: E402
 
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # (shape, num_groups, pool_size)
@@ -45,7 +45,7 @@ def max_error(actual, expected):
 def run_case(backend, device, shape, groups, pool_size, dtype, channels_last):
     """True when y and every gradient match the float64 reference."""
     x, kw = make_inputs(shape, dtype, channels_last, seed=sum(shape), device=device)
-    grad_y = random_like(x, 1).contiguous(memory_format=ops.dense_format(x))
+    grad_y = random_like(x, 1).contiguous(memory_format=contract.dense_format(x))
     opts = dict(num_groups=groups, pool_size=pool_size)
     y, grads = forward_backward(ops.pool_mixer, x, kw, grad_y, backend=backend, **opts)
     if device == "cuda":

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fused_poolformer as fp
-from fused_poolformer import ops
+from fused_poolformer import contract, ops
 from conftest import (OPTION_NAMES, TOL, assert_close_to, call, make_inputs, opcheck_forward_and_backward,
                       reference64, requires_cuda)
 
@@ -56,7 +56,7 @@ def check_against_reference_and_cpu(x, kw, dtype, seed=0, **opts):
     dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
     y, grads = output_and_gradients(lambda *a, **k: fp.pool_mixer(*a, backend="cuda", **k), x, kw, dy, **opts)
     assert y.device.type == "cuda" and y.dtype == dtype
-    fmt = torch.channels_last if ops.dense_format(x) == torch.channels_last else torch.contiguous_format
+    fmt = torch.channels_last if contract.dense_format(x) == torch.channels_last else torch.contiguous_format
     assert y.is_contiguous(memory_format=fmt)
     ref_y, ref_grads = output_and_gradients(fp.reference.pool_mixer, x.double().cpu(), on_cpu(kw, torch.float64), dy, **opts)
     assert_close_to(y, ref_y, dtype)

@@ -30,8 +30,8 @@ SHAPE = (2, 4, 5, 5)  # N = 2, C = 4; the calls below use num_groups = 2
 GOOD_FORWARD = dict(weight=None, bias=None, layer_scale=None, res_scale=None, sample_scale=None, num_groups=2,
                     pool_size=3, eps=1e-5)
 FORWARD_ORDER = ("x",) + tuple(GOOD_FORWARD)
-BACKWARD_ORDER = ("grad_y", "x", "mean", "rstd", "weight", "layer_scale", "res_scale", "sample_scale", "num_groups",
-                  "pool_size", "output_mask")
+BACKWARD_ORDER = ("grad_y", "x", "mean", "rstd", "weight", "bias", "layer_scale", "res_scale", "sample_scale",
+                  "num_groups", "pool_size", "eps", "output_mask")
 
 
 def vector(n, dtype=torch.float32, device="cpu"):
@@ -48,8 +48,8 @@ def forward_args(device, **changes):
 def backward_args(device, **changes):
     x, _ = make_inputs(SHAPE, device=device)
     args = dict(grad_y=torch.randn_like(x), x=x, mean=torch.randn(2, 2, device=device),
-                rstd=torch.rand(2, 2, device=device) + 0.5, weight=None, layer_scale=None, res_scale=None,
-                sample_scale=None, num_groups=2, pool_size=3, output_mask=[True] * 4)
+                rstd=torch.rand(2, 2, device=device) + 0.5, weight=None, bias=None, layer_scale=None, res_scale=None,
+                sample_scale=None, num_groups=2, pool_size=3, eps=1e-5, output_mask=[True] * 5)
     args.update(changes)
     return [args[k] for k in BACKWARD_ORDER]
 
@@ -76,7 +76,7 @@ def cpu_cases(d):
         ("bias_float32_for_float64_x", "forward", fwd(x=x_of(d, torch.float64), bias=vector(4, device=d)), "bias has dtype"),
         ("sample_scale_int", "forward", fwd(sample_scale=vector(2, device=d).int()), "sample_scale has dtype"),
         ("num_groups_3_of_4_channels", "forward", fwd(num_groups=3), "num_groups (3) must divide the number of channels C (4)"),
-        ("output_mask_length_3", "backward", bwd(output_mask=[True] * 3), "size 4"),  # torch's own message
+        ("output_mask_length_3", "backward", bwd(output_mask=[True] * 3), "size 5"),  # torch's own message
         ("grad_y_rank_3", "backward", bwd(grad_y=x_of(d)[0]), "grad_y must be 4-D"),
         ("grad_y_int", "backward", bwd(grad_y=x_of(d).int()), "grad_y must be float32, float64, float16 or bfloat16"),
         ("grad_y_shape", "backward", bwd(grad_y=x_of(d, shape=(2, 4, 5, 6))), "grad_y has shape"),
@@ -86,28 +86,43 @@ def cpu_cases(d):
         ("mean_shape_N_1", "backward", bwd(mean=torch.zeros(2, 1, device=d)), "mean must have shape (N, num_groups) = (2, 2)"),
         ("mean_1d", "backward", bwd(mean=torch.zeros(4, device=d)), "mean must have shape (N, num_groups) = (2, 2)"),
         ("rstd_shape_3_2", "backward", bwd(rstd=torch.ones(3, 2, device=d)), "rstd must have shape (N, num_groups) = (2, 2)"),
-        ("mean_float64", "backward", bwd(mean=torch.zeros(2, 2, dtype=torch.float64, device=d)), "mean must be Float"),
-        ("rstd_float16", "backward", bwd(rstd=torch.ones(2, 2, dtype=torch.float16, device=d)), "rstd must be Float"),
+        ("mean_float64", "backward", bwd(mean=torch.zeros(2, 2, dtype=torch.float64, device=d)), "mean must be torch.float32"),
+        ("rstd_float16", "backward", bwd(rstd=torch.ones(2, 2, dtype=torch.float16, device=d)), "rstd must be torch.float32"),
         ("rstd_float32_for_float64_x", "backward",
          bwd(x=x_of(d, torch.float64), grad_y=x_of(d, torch.float64), mean=torch.zeros(2, 2, dtype=torch.float64, device=d)),
-         "rstd must be Double"),
+         "rstd must be torch.float64"),
     ]
     for name in ("weight", "bias", "layer_scale", "res_scale"):
         cases.append((f"{name}_length_3", "forward", fwd(**{name: vector(3, device=d)}), f"{name} must have shape (C,) = (4,)"))
     cases.append(("sample_scale_length_3", "forward", fwd(sample_scale=vector(3, device=d)), "sample_scale must have shape (N,) = (2,)"))
-    for name in ("weight", "layer_scale", "res_scale"):
+    for name in ("weight", "bias", "layer_scale", "res_scale"):
         cases.append((f"{name}_length_5_backward", "backward", bwd(**{name: vector(5, device=d)}), f"{name} must have shape (C,) = (4,)"))
         cases.append((f"{name}_float64_backward", "backward", bwd(**{name: vector(4, torch.float64, d)}), f"{name} has dtype"))
     cases.append(("sample_scale_length_4_backward", "backward", bwd(sample_scale=vector(4, device=d)), "sample_scale must have shape (N,) = (2,)"))
     for op, make in (("forward", fwd), ("backward", bwd)):
         for groups in (0, -2):
-            cases.append((f"num_groups_{groups}_{op}", op, make(num_groups=groups), f"num_groups must be >= 1, got {groups}"))
+            cases.append((f"num_groups_{groups}_{op}", op, make(num_groups=groups), f"num_groups must be an integer >= 1, got {groups}"))
         cases.append((f"num_groups_3_{op}", op, make(num_groups=3), "num_groups (3) must divide"))
         for k in (2, 0, -1, -3):
             cases.append((f"pool_size_{k}_{op}", op, make(pool_size=k), f"pool_size must be a positive odd integer, got {k}"))
     for eps in (0.0, -1e-5, math.inf, -math.inf, math.nan):
         cases.append((f"eps_{eps}", "forward", fwd(eps=eps), "eps must be a finite number > 0"))
+        cases.append((f"eps_{eps}_backward", "backward", bwd(eps=eps), "eps must be a finite number > 0"))
     return cases
+
+
+# A wrong dtype is a TypeError, a wrong shape, value or device a ValueError (TORCH_CHECK_TYPE
+# and TORCH_CHECK_VALUE in csrc/host.cpp); a list of the wrong length is refused by torch's
+# own argument parser before the operator runs.
+TYPE_FRAGMENTS = ("dtype", "must be float32", "must be torch.float")
+ERROR_TYPE_OVERRIDES = {"output_mask_length_3": "RuntimeError", "cuda_output_mask_length_3": "RuntimeError",
+                        "grad_y_on_cpu": "ValueError", "mean_on_cpu": "ValueError", "rstd_on_cpu": "ValueError"}
+
+
+def expected_error_type(name, fragment):
+    if name in ERROR_TYPE_OVERRIDES:
+        return ERROR_TYPE_OVERRIDES[name]
+    return "TypeError" if any(f in fragment for f in TYPE_FRAGMENTS) else "ValueError"
 
 
 def cuda_cases():
@@ -120,8 +135,8 @@ def cuda_cases():
     cases += [
         ("sample_scale_on_cpu", "forward", forward_args(gpu, sample_scale=vector(2, device=cpu)), "sample_scale is on cpu"),
         ("grad_y_on_cpu", "backward", backward_args(gpu, grad_y=x_of(cpu)), "grad_y must have x's dtype and device"),
-        ("mean_on_cpu", "backward", backward_args(gpu, mean=torch.zeros(2, 2)), "mean must be Float on cuda"),
-        ("rstd_on_cpu", "backward", backward_args(gpu, rstd=torch.ones(2, 2)), "rstd must be Float on cuda"),
+        ("mean_on_cpu", "backward", backward_args(gpu, mean=torch.zeros(2, 2)), "mean must be torch.float32 on cuda"),
+        ("rstd_on_cpu", "backward", backward_args(gpu, rstd=torch.ones(2, 2)), "rstd must be torch.float32 on cuda"),
         ("weight_on_cpu_backward", "backward", backward_args(gpu, weight=vector(4, device=cpu)), "weight is on cpu"),
     ]
     return cases
@@ -161,6 +176,8 @@ def check_bad_calls(results, cases):
             problems.append(f"{name}: no exception")
         elif expected not in r["message"]:
             problems.append(f"{name}: {r['raised']}: {r['message'].splitlines()[0]!r} lacks {expected!r}")
+        elif r["raised"] != expected_error_type(name, expected):
+            problems.append(f"{name}: raised {r['raised']}, expected {expected_error_type(name, expected)}")
     assert not problems, "\n".join(problems)
 
 

@@ -17,7 +17,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from conftest import call, make_inputs
-from fused_poolformer import ops, reference
+from fused_poolformer import contract, ops, reference
 from hardening_utils import DIFFERENTIABLE, forward_backward, fused_backends, random_like
 
 CPU_BACKENDS = pytest.mark.parametrize("backend", fused_backends("cpu"))
@@ -73,10 +73,10 @@ def backward_call(x, kw, groups):
     y, mean, rstd = forward_call(x, kw, groups)()
     # In x's layout, as autograd passes it when the next op keeps the layout (a grad_y in
     # the other layout is copied once, like x in test_cpu_copies_...).
-    grad_y = random_like(y, 1).contiguous(memory_format=ops.dense_format(y))
+    grad_y = random_like(y, 1).contiguous(memory_format=contract.dense_format(y))
     return lambda: torch.ops.fused_poolformer.pool_mixer_backward(
-        grad_y, x, mean, rstd, kw["weight"], kw["layer_scale"], kw["res_scale"], kw["sample_scale"], groups, 3,
-        [True, True, True, True])
+        grad_y, x, mean, rstd, kw["weight"], kw["bias"], kw["layer_scale"], kw["res_scale"], kw["sample_scale"],
+        groups, 3, 1e-5, [True] * 5)
 
 
 def allocations_beyond(sizes, tensor_bytes, count):

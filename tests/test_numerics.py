@@ -115,7 +115,7 @@ def test_constant_group_has_rstd_of_eps_and_no_nan(device, backend, channels_las
     x = x.clone()
     x[:, :3] = 0.371  # num_groups=2: channels 0-2 are group 0
     eps = 1e-5
-    op = ops._forward_op(backend)
+    op = ops.forward_operator(backend)
     _, mean, rstd = op(x, kw["weight"], kw["bias"], kw["layer_scale"], kw["res_scale"], kw["sample_scale"], 2, 3, eps)
     torch.testing.assert_close(rstd[:, 0].double().cpu(), torch.full((2,), 1 / math.sqrt(eps), dtype=torch.float64),
                                rtol=1e-6, atol=0)

@@ -238,7 +238,7 @@ def test_validation_errors_name_the_argument(bad, message):
     ((torch.randn(1, 4, 5, 5), None, None, None, None, None, 1, 3, 0.0), "eps"),
 ])
 def test_cpp_op_validation(args, message):
-    with pytest.raises(RuntimeError, match=message):
+    with pytest.raises(ValueError, match=message):
         torch.ops.fused_poolformer.pool_mixer_forward(*args)
 
 

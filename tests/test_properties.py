@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from conftest import OPTION_NAMES, assert_close_to, make_inputs, requires_cuda
-from fused_poolformer import ops
+from fused_poolformer import contract, ops
 from hardening_utils import DIFFERENTIABLE, forward_backward, fused_backends, random_like, reference_forward_backward
 
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -101,7 +101,7 @@ def check_case(case, device):
 
     assert torch.equal(x, x_before), "the input was modified"
     assert y.dtype == x.dtype and y.shape == x.shape and y.device == x.device
-    assert y.is_contiguous(memory_format=ops.dense_format(x)), "y does not keep x's memory format"
+    assert y.is_contiguous(memory_format=contract.dense_format(x)), "y does not keep x's memory format"
     assert_close_to(y, y_ref, case["dtype"])
     assert grads.keys() == grads_ref.keys()
     for name, grad in grads.items():
@@ -127,7 +127,7 @@ def test_cuda_forward_backward_match_float64_reference(case):
 
 
 def forward_ops(device):
-    return [(b, ops._forward_op(b)) for b in fused_backends(device)]
+    return [(b, ops.forward_operator(b)) for b in fused_backends(device)]
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])

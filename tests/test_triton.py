@@ -13,8 +13,6 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-import sys  # noqa: E402
-
 import pytest  # noqa: E402
 
 import fused_poolformer as fp  # noqa: E402
@@ -32,9 +30,8 @@ def _unavailable_reason():
         return f"the Triton kernels cannot be loaded: {exc!r}"
     if not available:
         return "triton cannot be imported"
-    kernels = sys.modules["fused_poolformer.triton_kernels"]
-    if DEVICE == "cpu" and not kernels._INTERPRET:
-        return ("fused_poolformer.triton_kernels was imported before TRITON_INTERPRET=1 was set; "
+    if DEVICE == "cpu" and not ops.triton_interpreted():
+        return ("fused_poolformer.triton was imported before TRITON_INTERPRET=1 was set; "
                 "run this file in its own pytest process")
     return None
 
@@ -52,11 +49,11 @@ def triton_mixer(*args, **kwargs):
 
 
 def forward_op():
-    return ops._triton_ops()[0]
+    return ops.triton_operators()[0]
 
 
 def backward_op():
-    return ops._triton_ops()[1]
+    return ops.triton_operators()[1]
 
 
 def assert_named_close(name, actual, expected, dtype):
@@ -135,12 +132,14 @@ def test_output_mask_returns_empty_gradients():
     args = (x, kw["weight"], kw["bias"], kw["layer_scale"], kw["res_scale"], kw["sample_scale"], 2, 3, 1e-5)
     y, mean, rstd = forward_op()(*args)
     dy = torch.randn_like(y)
-    common = (dy, x, mean, rstd, kw["weight"], kw["layer_scale"], kw["res_scale"], kw["sample_scale"], 2, 3)
-    full = backward_op()(*common, [True, True, True, True])
-    part = backward_op()(*common, [False, True, False, True])
+    common = (dy, x, mean, rstd, kw["weight"], kw["bias"], kw["layer_scale"], kw["res_scale"], kw["sample_scale"],
+              2, 3, 1e-5)
+    full = backward_op()(*common, [True, True, True, True, True])
+    part = backward_op()(*common, [False, True, True, False, True])
     assert full[0].is_contiguous(memory_format=torch.channels_last), "dx must keep x's memory format"
-    for i, name in enumerate(("grad_x", "grad_weight", "grad_layer_scale", "grad_res_scale")):
-        if i in (0, 2):
+    assert torch.equal(full[2], torch.zeros_like(full[2])), "the bias gradient must be exact zeros"
+    for i, name in enumerate(("grad_x", "grad_weight", "grad_bias", "grad_layer_scale", "grad_res_scale")):
+        if i in (0, 3):
             assert part[i].shape == (0,), f"{name} was masked out but has shape {tuple(part[i].shape)}"
         else:
             assert torch.equal(part[i], full[i]), f"{name} depends on the mask"
@@ -242,8 +241,8 @@ def test_opcheck_on_gpu(channels_last):
     x.requires_grad_(True)
     torch.library.opcheck(forward_op(), args)
     y, mean, rstd = forward_op()(*args)
-    bargs = (torch.randn_like(y), x.detach(), mean, rstd, kw["weight"], kw["layer_scale"], kw["res_scale"],
-             kw["sample_scale"], 2, 3, [True, True, False, True])
+    bargs = (torch.randn_like(y), x.detach(), mean, rstd, kw["weight"], kw["bias"], kw["layer_scale"],
+             kw["res_scale"], kw["sample_scale"], 2, 3, 1e-5, [True, True, True, False, True])
     torch.library.opcheck(backward_op(), bargs)
 
 

@@ -1,74 +1,68 @@
 // CUDA backward of the fused pool mixer: one reduction pass (per-(n, c, tile) sums of
-// D * dy and x * dy), small deterministic folds on device, then one pass that writes dx.
-// See pool_mixer_cuda.cuh and DESIGN.md section 2.
+// D * dy and x * dy), one fold launch (S[n, g] and the parameter gradients, fixed order),
+// then one pass that writes dx.  See kernels.cuh and docs/math.md.
+// Per call: 3 launches; allocations: the requested gradients (host.cpp) and one workspace.
 #include <torch/library.h>
 
-#include "pool_mixer_cuda.cuh"
+#include "kernels.cuh"
 
 namespace fused_poolformer {
 namespace cuda_kernels {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool_mixer_backward_cuda(
-    const at::Tensor& grad_y, const at::Tensor& x_in, const at::Tensor& mean_in,
-    const at::Tensor& rstd_in, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& layer_scale, const std::optional<at::Tensor>& res_scale,
-    const std::optional<at::Tensor>& sample_scale, int64_t num_groups, int64_t pool_size,
-    std::array<bool, 4> output_mask) {
-  check_backward_args(grad_y, x_in, mean_in, rstd_in, weight, layer_scale, res_scale,
-                      sample_scale, num_groups, pool_size);
-  TORCH_CHECK(x_in.is_cuda(), "pool_mixer_backward (CUDA kernel): x must be a CUDA tensor");
-  const c10::cuda::CUDAGuard device_guard(x_in.device());
-  const Layout layout = choose_layout(x_in);
-  const bool channels_last = layout == Layout::kChannelsLast;
-  const at::Tensor x = in_layout(x_in, layout);
-  const at::Tensor dy = in_layout(grad_y, layout);
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  const int64_t G = num_groups, Cg = C / G;
-  const auto acc_opts = x.options().dtype(accumulate_type(x.scalar_type()));
-  at::Tensor dx = output_mask[0] ? at::empty_like(x, memory_format(layout)) : empty_gradient(x);
-  // T[c] = sum_n rstd * sample_scale * sum(D * dy), sum(x * dy) per channel (DESIGN.md 2).
-  at::Tensor channel_t = at::zeros({C}, acc_opts), channel_xdy = at::zeros({C}, acc_opts);
-  if (x.numel() > 0) {
-    const at::Tensor mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
-    const at::Tensor a = mixer_coefficients(x, weight, layer_scale, sample_scale);
-    const at::Tensor sample = vector_or_ones(sample_scale, N, x);
-    const at::Tensor res = vector_or_ones(res_scale, C, x);
-    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pool_mixer_backward_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      TileArgs<scalar_t, acc_t> args{};
-      args.x = x.const_data_ptr<scalar_t>();
-      args.dy = dy.const_data_ptr<scalar_t>();
-      args.a_nc = a.const_data_ptr<acc_t>();
-      args.mean_ng = mean.const_data_ptr<acc_t>();
-      args.rstd_ng = rstd.const_data_ptr<acc_t>();
-      args.res_c = res.const_data_ptr<acc_t>();
+template <typename scalar_t>
+void backward_kernels(const BackwardProblem& p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const MixerShape& s = p.shape;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  TileArgs<scalar_t, acc_t> args{};
+  args.x = p.x.const_data_ptr<scalar_t>();
+  args.dy = p.grad_y.const_data_ptr<scalar_t>();
+  args.params = p.params;
+  args.mean_ng = p.mean.const_data_ptr<acc_t>();
+  args.rstd_ng = p.rstd.const_data_ptr<acc_t>();
 
-      const TileGeometry sums = make_tile_geometry(x, G, pool_size, channels_last, kSums, sizeof(acc_t));
-      at::Tensor partial_d = at::empty({N, C, int64_t(sums.tiles_h) * sums.tiles_w}, acc_opts);
-      at::Tensor partial_x = at::empty_like(partial_d);
-      args.partial_d = partial_d.mutable_data_ptr<acc_t>();
-      args.partial_x = partial_x.mutable_data_ptr<acc_t>();
-      launch_tile_kernel<scalar_t, acc_t, kSums>(sums, channels_last, args, stream);
+  const TileGeometry sums = make_tile_geometry(p.x, s, kSums, sizeof(acc_t));
+  const int64_t slots = int64_t(sums.tiles_h) * sums.tiles_w;
+  // One workspace: partial sums of D * dy and x * dy, then S[n, g].
+  const int64_t partial_numel = s.N * s.C * slots;
+  at::Tensor workspace = at::empty({2 * partial_numel + s.N * s.G}, p.mean.options());
+  acc_t* partial_d = workspace.mutable_data_ptr<acc_t>();
+  acc_t* partial_x = partial_d + partial_numel;
+  acc_t* s_ng = partial_x + partial_numel;
+  args.partial_d = partial_d;
+  args.partial_x = partial_x;
+  launch_tile_kernel<scalar_t, acc_t, kSums>(sums, s.channels_last, args, stream);
 
-      // Fixed-shape reductions (deterministic on CUDA).
-      const at::Tensor d = partial_d.sum(2);                                     // (N, C)
-      const at::Tensor group_s = (a * d).reshape({N, G, Cg}).sum(2).contiguous();  // S[n, g]
-      channel_t = (per_channel_table(rstd, C) * sample.unsqueeze(1) * d).sum(0);
-      channel_xdy = partial_x.sum(2).sum(0);
+  const FoldGeometry fold{s.N, s.C, s.G, s.Cg, slots};
+  const int64_t fold_blocks = s.N * s.G + (s.C + kThreads - 1) / kThreads;
+  fold_kernel<scalar_t, acc_t><<<static_cast<unsigned int>(fold_blocks), kThreads, 0, stream>>>(
+      fold, partial_d, partial_x, args.rstd_ng, p.params, p.grads, s_ng);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-      if (output_mask[0]) {
-        const TileGeometry apply = make_tile_geometry(x, G, pool_size, channels_last, kDx, sizeof(acc_t));
-        args.out = dx.mutable_data_ptr<scalar_t>();
-        args.s_ng = group_s.const_data_ptr<acc_t>();
-        args.inv_group_numel = acc_t(1) / static_cast<acc_t>(Cg * H * W);
-        launch_tile_kernel<scalar_t, acc_t, kDx>(apply, channels_last, args, stream);
-      }
-    });
-  }
-  return parameter_gradients(dx, x, channel_t, channel_xdy, weight, layer_scale, res_scale,
-                             output_mask);
+  if (!p.grad_x.defined()) return;
+  const TileGeometry apply = make_tile_geometry(p.x, s, kDx, sizeof(acc_t));
+  args.out = p.grad_x.mutable_data_ptr<scalar_t>();
+  args.s_ng = s_ng;
+  args.inv_group_numel = acc_t(1) / static_cast<acc_t>(s.group_numel());
+  launch_tile_kernel<scalar_t, acc_t, kDx>(apply, s.channels_last, args, stream);
+}
+
+void launch_backward(const BackwardProblem& p) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(),
+                                  "pool_mixer_backward_cuda", [&] { backward_kernels<scalar_t>(p); });
+}
+
+BackwardResult pool_mixer_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x,
+                                        const at::Tensor& mean, const at::Tensor& rstd,
+                                        const OptionalTensor& weight, const OptionalTensor& bias,
+                                        const OptionalTensor& layer_scale,
+                                        const OptionalTensor& res_scale,
+                                        const OptionalTensor& sample_scale, int64_t num_groups,
+                                        int64_t pool_size, double eps,
+                                        std::array<bool, 5> output_mask) {
+  return run_backward(grad_y, x, mean, rstd, weight, bias, layer_scale, res_scale, sample_scale,
+                      num_groups, pool_size, eps, output_mask, at::kCUDA, &launch_backward);
 }
 
 }  // namespace

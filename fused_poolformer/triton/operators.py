@@ -1,14 +1,18 @@
-"""Triton kernels of the fused pool mixer (DESIGN.md sections 2 and 5).
+"""Triton kernels of the fused pool mixer (docs/math.md, docs/performance.md).
 
 Two operators with the schemas of the C++ ones, registered with ``torch.library.triton_op``
 and launched through ``wrap_triton`` so that ``torch.compile(fullgraph=True)`` traces into
-the kernels (``fused_poolformer/ops.py`` registers their autograd formula):
+the kernels (their autograd formula comes from ``fused_poolformer.contract`` and is
+registered when this package is imported):
 
     triton_pool_mixer_forward(x, weight, bias, layer_scale, res_scale, sample_scale,
                               num_groups, pool_size, eps) -> (y, mean, rstd)
-    triton_pool_mixer_backward(grad_y, x, mean, rstd, weight, layer_scale, res_scale,
-                               sample_scale, num_groups, pool_size, output_mask)
-        -> (grad_x, grad_weight, grad_layer_scale, grad_res_scale)
+    triton_pool_mixer_backward(grad_y, x, mean, rstd, weight, bias, layer_scale, res_scale,
+                               sample_scale, num_groups, pool_size, eps, output_mask)
+        -> (grad_x, grad_weight, grad_bias, grad_layer_scale, grad_res_scale)
+
+A gradient not asked for comes back as an empty tensor (a Python custom operator cannot
+return None); the autograd formula passes None on for it.
 
 Four passes, as in the CPU kernels (csrc/cpu/pool_mixer_cpu.cpp):
   1. statistics: every (n, g) group is cut into fixed tiles, each program writes the
@@ -41,7 +45,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from .ops import dense_format, stats_dtype, validate
+from ..contract import check_backward, check_forward, dense_format, register_autograd, stats_dtype
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -468,7 +472,7 @@ def forward_op(
     pool_size: int,
     eps: float,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    validate(x, weight, bias, layer_scale, res_scale, sample_scale, num_groups, pool_size, eps, "triton")
+    check_forward(x, weight, bias, layer_scale, res_scale, sample_scale, num_groups, pool_size, eps)
     x = x.contiguous(memory_format=dense_format(x))
     y = torch.empty_like(x, memory_format=dense_format(x))
     N, G = x.shape[0], num_groups
@@ -491,27 +495,9 @@ def _ones_or(v: Optional[Tensor], length: int, acc: torch.dtype, device) -> Tens
     return torch.ones((length,), dtype=acc, device=device) if v is None else v.to(acc)
 
 
-def _check_backward_args(grad_y, x, mean, rstd, weight, layer_scale, res_scale, sample_scale,
-                         num_groups, pool_size, output_mask):
-    validate(x, weight, None, layer_scale, res_scale, sample_scale, num_groups, pool_size, 1.0, "triton")
-    if not isinstance(grad_y, Tensor) or grad_y.shape != x.shape:
-        raise ValueError(f"pool_mixer: grad_y must have x's shape {tuple(x.shape)}, got "
-                         f"{tuple(grad_y.shape) if isinstance(grad_y, Tensor) else type(grad_y).__name__}")
-    if grad_y.dtype != x.dtype or grad_y.device != x.device:
-        raise TypeError("pool_mixer: grad_y must have x's dtype and device")
-    want = (x.shape[0], num_groups)
-    for name, t in (("mean", mean), ("rstd", rstd)):
-        if t.dim() != 2 or tuple(t.shape) != want:
-            raise ValueError(f"pool_mixer: {name} must have shape (N, num_groups) = {want}, got {tuple(t.shape)}")
-        if t.dtype != stats_dtype(x.dtype) or t.device != x.device:
-            raise TypeError(f"pool_mixer: {name} must be {stats_dtype(x.dtype)} on {x.device}")
-    if len(output_mask) != 4:
-        raise ValueError(f"pool_mixer: output_mask must have 4 entries, got {len(output_mask)}")
-
-
-def _parameter_grads(channel_t, channel_xdy, weight, layer_scale, res_scale, x, output_mask):
-    """dweight = layer_scale * T, dlayer_scale = weight * T, dres_scale = sum(x * dy), each
-    in its parameter's dtype; a gradient not asked for is an empty tensor."""
+def _parameter_grads(channel_t, channel_xdy, weight, bias, layer_scale, res_scale, x, output_mask):
+    """dweight = layer_scale * T, dbias = 0, dlayer_scale = weight * T, dres_scale =
+    sum(x * dy), each in its parameter's dtype; a gradient not asked for is an empty tensor."""
     C, acc = x.shape[1], channel_t.dtype
 
     def grad(wanted, value, param):
@@ -521,8 +507,9 @@ def _parameter_grads(channel_t, channel_xdy, weight, layer_scale, res_scale, x, 
 
     return (
         grad(output_mask[1], _ones_or(layer_scale, C, acc, x.device) * channel_t, weight),
-        grad(output_mask[2], _ones_or(weight, C, acc, x.device) * channel_t, layer_scale),
-        grad(output_mask[3], channel_xdy, res_scale),
+        grad(output_mask[2], torch.zeros_like(channel_t), bias),
+        grad(output_mask[3], _ones_or(weight, C, acc, x.device) * channel_t, layer_scale),
+        grad(output_mask[4], channel_xdy, res_scale),
     )
 
 
@@ -533,15 +520,17 @@ def backward_op(
     mean: Tensor,
     rstd: Tensor,
     weight: Optional[Tensor],
+    bias: Optional[Tensor],
     layer_scale: Optional[Tensor],
     res_scale: Optional[Tensor],
     sample_scale: Optional[Tensor],
     num_groups: int,
     pool_size: int,
+    eps: float,
     output_mask: List[bool],
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    _check_backward_args(grad_y, x, mean, rstd, weight, layer_scale, res_scale, sample_scale,
-                         num_groups, pool_size, output_mask)
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    check_backward(grad_y, x, mean, rstd, weight, bias, layer_scale, res_scale, sample_scale, num_groups,
+                   pool_size, eps, output_mask)
     fmt = dense_format(x)
     x = x.contiguous(memory_format=fmt)
     dy = grad_y.contiguous(memory_format=fmt)
@@ -551,7 +540,7 @@ def backward_op(
     dx = torch.empty_like(x, memory_format=fmt) if output_mask[0] else x.new_empty((0,))
     if x.numel() == 0:
         zeros = x.new_zeros((C,), dtype=acc)
-        return (dx, *_parameter_grads(zeros, zeros, weight, layer_scale, res_scale, x, output_mask))
+        return (dx, *_parameter_grads(zeros, zeros, weight, bias, layer_scale, res_scale, x, output_mask))
 
     geo = _Geometry(x, num_groups, pool_size)
     shape_args = geo.launch_args()
@@ -578,4 +567,7 @@ def backward_op(
             HAS_RES=res_scale is not None, HAS_SAMPLE=sample_scale is not None,
             **shape_args, **geo.fixed_blocks(),
         )
-    return (dx, *_parameter_grads(channel_t, channel_xdy, weight, layer_scale, res_scale, x, output_mask))
+    return (dx, *_parameter_grads(channel_t, channel_xdy, weight, bias, layer_scale, res_scale, x, output_mask))
+
+
+register_autograd(forward_op, backward_op)

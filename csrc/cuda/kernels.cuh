@@ -1,12 +1,15 @@
-// CUDA kernels of the fused pool mixer (DESIGN.md section 2), shared by forward.cu and
-// backward.cu.  They follow the CPU kernels (csrc/cpu/pool_mixer_cpu.cpp) step by step:
+// CUDA kernels of the fused pool mixer (docs/math.md), shared by forward.cu and
+// backward.cu.  They follow the CPU kernels (csrc/cpu) step by step:
 //
 //   forward   group_stats_kernel   per-block (count, mean, M2) partials of every (n, g)
 //             finalize_stats_kernel  merges them in block order -> mean, rstd
 //             tile_kernel<kApply>   y = res * x + coef * (P(x - mean) - (x - mean))
 //   backward  tile_kernel<kSums>    per-(n, c, tile) sums of D * dy and x * dy
-//             (at:: folds)          S[n, g], T[c], dres[c]
+//             fold_kernel           S[n, g], and the parameter gradients from T[c], dres[c]
 //             tile_kernel<kDx>      dx = res * dy + coef * (P^T dy - dy) - corr * (x - mean)
+//
+// Every per-channel factor (coef = a * rstd, res_scale, corr) is formed in the kernels
+// from the raw parameter pointers (MixerParams); the host launches and allocates only.
 //
 // The tile kernel: a block owns a (TC channels) x (TH rows) x (TW columns) tile of one
 // sample's output.  It stages the tile plus a halo of (rh, rw) = clipped k//2 in shared
@@ -36,7 +39,7 @@
 #include <unordered_map>
 
 #include "../pool_mixer.h"
-#include "../pool_mixer_host.h"
+#include "../host.h"
 
 namespace fused_poolformer {
 namespace cuda_kernels {
@@ -186,17 +189,16 @@ struct TileGeometry {
   size_t smem_bytes;
 };
 
-// Scalars of the mixer, all in the accumulation type; tables are (N, C), (N, G) or (C).
+// Pointers of the mixer; statistics are (N, G) in the accumulation type.
 template <typename scalar_t, typename acc_t>
 struct TileArgs {
   const scalar_t* x;
   const scalar_t* dy;
   scalar_t* out;                    // y (kApply) or dx (kDx)
-  const acc_t* a_nc;                // layer_scale * weight * sample_scale
+  MixerParams params;               // weight, layer_scale, res_scale, sample_scale
   const acc_t* mean_ng;
   const acc_t* rstd_ng;
   const acc_t* s_ng;                // S[n, g] (kDx)
-  const acc_t* res_c;
   acc_t inv_group_numel;            // 1 / M (kDx)
   acc_t* partial_d;                 // (N, C, tiles_h * tiles_w) sums of D * dy (kSums)
   acc_t* partial_x;                 // same shape, sums of x * dy (kSums)
@@ -251,8 +253,9 @@ tile_kernel(const TileGeometry g, const TileArgs<scalar_t, acc_t> args) {
       const int64_t ng = n * g.G + c / g.Cg;
       const acc_t r = args.rstd_ng[ng];
       shift = args.mean_ng[ng];
-      coef = args.a_nc[n * g.C + c] * r;
-      res = args.res_c[c];
+      coef = args.params.template channel_factor<scalar_t, acc_t>(c) *
+             args.params.template sample_factor<scalar_t, acc_t>(n) * r;
+      res = args.params.template residual<scalar_t, acc_t>(c);
       if (kMode == kDx) corr = r * r * r * args.s_ng[ng] * args.inv_group_numel;
     }
     t_shift[i] = shift, t_coef[i] = coef, t_res[i] = res, t_corr[i] = corr;
@@ -406,6 +409,52 @@ tile_kernel(const TileGeometry g, const TileArgs<scalar_t, acc_t> args) {
 }
 
 // ---------------------------------------------------------------------------------------
+// Backward folds.  The sums pass leaves per-(n, c, slot) partials of D * dy and x * dy
+// (slot = the tile within the plane).  One launch finishes every reduction, each in a
+// fixed order:
+//   blocks [0, N * G)          S[n, g] = sum over the group's channels and slots of a * D dy
+//   blocks [N * G, + C / 256)  per channel c, T[c] = sum_n rstd * sample_scale * sum D dy,
+//                              sum x dy, and from them the requested parameter gradients
+//                              (the bias gradient is written as zeros).
+
+struct FoldGeometry {
+  int64_t N, C, G, Cg, slots;
+};
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+fold_kernel(const FoldGeometry f, const acc_t* __restrict__ partial_d,
+            const acc_t* __restrict__ partial_x, const acc_t* __restrict__ rstd_ng,
+            const MixerParams params, const ParamGrads grads, acc_t* __restrict__ s_ng) {
+  __shared__ acc_t scratch[kWarps];
+  const int64_t group_blocks = f.N * f.G;
+  if (blockIdx.x < group_blocks) {
+    const int64_t ng = blockIdx.x, n = ng / f.G, c0 = (ng % f.G) * f.Cg;
+    const acc_t sample = params.sample_factor<scalar_t, acc_t>(n);
+    acc_t sum = 0;
+    for (int64_t i = threadIdx.x; i < f.Cg * f.slots; i += kThreads) {
+      const int64_t c = c0 + i / f.slots;
+      sum += params.channel_factor<scalar_t, acc_t>(c) * sample *
+             partial_d[(n * f.C + c) * f.slots + i % f.slots];
+    }
+    sum = block_sum(sum, scratch);
+    if (threadIdx.x == 0) s_ng[ng] = sum;
+    return;
+  }
+  const int64_t c = (blockIdx.x - group_blocks) * kThreads + threadIdx.x;
+  if (c >= f.C || !grads.any()) return;
+  acc_t t = 0, xdy = 0;
+  for (int64_t n = 0; n < f.N; ++n) {
+    const acc_t* pd = partial_d + (n * f.C + c) * f.slots;
+    const acc_t* px = partial_x + (n * f.C + c) * f.slots;
+    acc_t d = 0;
+    for (int64_t slot = 0; slot < f.slots; ++slot) d += pd[slot], xdy += px[slot];
+    t += rstd_ng[n * f.G + c / f.Cg] * params.sample_factor<scalar_t, acc_t>(n) * d;
+  }
+  grads.write<scalar_t, acc_t>(params, c, t, xdy);
+}
+
+// ---------------------------------------------------------------------------------------
 // Host side: geometry choice and launches.
 
 // Splits n into equal pieces of at most max_piece (the last one may be shorter).
@@ -435,13 +484,15 @@ inline void choose_tile(bool channels_last, int64_t C, int64_t H, int64_t W, int
   }
 }
 
-inline TileGeometry make_tile_geometry(const at::Tensor& x, int64_t num_groups, int64_t pool_size,
-                                       bool channels_last, int mode, size_t acc_size) {
+inline TileGeometry make_tile_geometry(const at::Tensor& x, const MixerShape& s, int mode,
+                                       size_t acc_size) {
   TileGeometry g{};
-  g.N = x.size(0), g.C = x.size(1), g.H = x.size(2), g.W = x.size(3);
-  g.G = num_groups, g.Cg = g.C / num_groups;
-  g.rh = static_cast<int>(effective_radius(pool_size / 2, g.H));
-  g.rw = static_cast<int>(effective_radius(pool_size / 2, g.W));
+  const bool channels_last = s.channels_last;
+  const int64_t pool_size = 2 * s.radius + 1;
+  g.N = s.N, g.C = s.C, g.H = s.H, g.W = s.W;
+  g.G = s.G, g.Cg = s.Cg;
+  g.rh = static_cast<int>(effective_radius(s.radius, g.H));
+  g.rw = static_cast<int>(effective_radius(s.radius, g.W));
   // The largest tile (up to 2048 outputs) whose shared memory fits the default 48 KB, else
   // the largest that fits the device's opt-in limit (only very wide windows need it).
   const int device = x.device().index();
@@ -496,12 +547,6 @@ void launch_tile_kernel(const TileGeometry& g, bool channels_last,
   }
   kernel<<<static_cast<unsigned int>(g.blocks), kThreads, g.smem_bytes, stream>>>(g, args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-// (N, G) -> (N, C): each channel gets its group's value (no host sync, graph-safe).
-inline at::Tensor per_channel_table(const at::Tensor& per_group, int64_t C) {
-  const int64_t N = per_group.size(0), G = per_group.size(1);
-  return per_group.reshape({N, G, 1}).expand({N, G, C / G}).reshape({N, C});
 }
 
 }  // namespace cuda_kernels

@@ -1,0 +1,253 @@
+// The host prologue of the CPU and CUDA operators (see host.h).  Per call it issues only
+// the output allocations (and, for a non-dense input, one copy): no coefficient tables, no
+// dtype casts of the parameters, no reductions -- the kernels do all of that.
+#include "host.h"
+
+#include <c10/core/DeviceGuard.h>
+
+#include <cmath>
+#include <string>
+
+namespace fused_poolformer {
+namespace {
+
+// Dtypes by their Python names, so that messages read the same as the fake kernels' ones.
+std::string dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kInt: return "torch.int32";
+    case at::kLong: return "torch.int64";
+    case at::kBool: return "torch.bool";
+    default: return std::string("torch.") + c10::toString(t);
+  }
+}
+
+bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+void check_activation(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.defined(), "pool_mixer: ", name, " must be a tensor");
+  TORCH_CHECK_VALUE(t.dim() == 4, "pool_mixer: ", name, " must be 4-D (N, C, H, W), got ",
+                    t.dim(), "-D with shape ", t.sizes());
+  TORCH_CHECK_TYPE(is_supported_float(t.scalar_type()), "pool_mixer: ", name,
+                   " must be float32, float64, float16 or bfloat16, got ", dtype_name(t.scalar_type()));
+}
+
+// A per-channel (or per-sample) vector: right length, x's device, and x's dtype or
+// float32 (mixed-precision parameters of a half-precision activation).
+void check_vector(const OptionalTensor& v, const char* name, int64_t length,
+                  const char* length_name, const at::Tensor& x) {
+  if (!v.has_value() || !v->defined()) return;
+  TORCH_CHECK_VALUE(v->dim() == 1 && v->size(0) == length, "pool_mixer: ", name,
+                    " must have shape (", length_name, ",) = (", length, ",), got ", v->sizes());
+  TORCH_CHECK_VALUE(v->device() == x.device(), "pool_mixer: ", name, " is on ", v->device(),
+                    " but x is on ", x.device());
+  const auto t = v->scalar_type();
+  TORCH_CHECK_TYPE(t == x.scalar_type() || (t == at::kFloat && x.scalar_type() != at::kDouble),
+                   "pool_mixer: ", name, " has dtype ", dtype_name(t), " but x has dtype ",
+                   dtype_name(x.scalar_type()),
+                   " (parameters must match x, or be float32 for a half-precision x)");
+}
+
+void check_vectors(const at::Tensor& x, const OptionalTensor& weight, const OptionalTensor& bias,
+                   const OptionalTensor& layer_scale, const OptionalTensor& res_scale,
+                   const OptionalTensor& sample_scale) {
+  const int64_t N = x.size(0), C = x.size(1);
+  check_vector(weight, "weight", C, "C", x);
+  check_vector(bias, "bias", C, "C", x);
+  check_vector(layer_scale, "layer_scale", C, "C", x);
+  check_vector(res_scale, "res_scale", C, "C", x);
+  check_vector(sample_scale, "sample_scale", N, "N", x);
+}
+
+void check_options(const at::Tensor& x, int64_t num_groups, int64_t pool_size, double eps) {
+  const int64_t C = x.size(1);
+  TORCH_CHECK_VALUE(num_groups >= 1, "pool_mixer: num_groups must be an integer >= 1, got ",
+                    num_groups);
+  TORCH_CHECK_VALUE(C % num_groups == 0, "pool_mixer: num_groups (", num_groups,
+                    ") must divide the number of channels C (", C, ")");
+  TORCH_CHECK_VALUE(pool_size >= 1 && pool_size % 2 == 1,
+                    "pool_mixer: pool_size must be a positive odd integer, got ", pool_size);
+  TORCH_CHECK_VALUE(eps > 0.0 && std::isfinite(eps),
+                    "pool_mixer: eps must be a finite number > 0, got ", eps);
+}
+
+void check_statistics(const at::Tensor& t, const char* name, const at::Tensor& x,
+                      int64_t num_groups) {
+  const int64_t N = x.size(0);
+  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == N && t.size(1) == num_groups, "pool_mixer: ",
+                    name, " must have shape (N, num_groups) = (", N, ", ", num_groups, "), got ",
+                    t.sizes());
+  const auto want = dtype_name(accumulate_type(x.scalar_type()));
+  const auto got = dtype_name(t.scalar_type());
+  TORCH_CHECK_TYPE(t.scalar_type() == accumulate_type(x.scalar_type()), "pool_mixer: ", name,
+                   " must be ", want, " on ", x.device(), ", got ", got, " on ", t.device());
+  TORCH_CHECK_VALUE(t.device() == x.device(), "pool_mixer: ", name, " must be ", want, " on ",
+                    x.device(), ", got ", got, " on ", t.device());
+}
+
+void check_device_type(const at::Tensor& x, at::DeviceType device_type) {
+  // The dispatcher only sends tensors of this device type here; a mix of devices among the
+  // arguments is caught by check_vector with the argument's name.
+  TORCH_CHECK_VALUE(x.device().type() == device_type, "pool_mixer: x is on ", x.device(),
+                    " but this kernel runs on ", device_type);
+}
+
+// The kernels read x in one of two dense layouts.  A tensor that is dense in both (C == 1 or
+// H == W == 1) is treated as NCHW; one that is dense in neither is copied once.
+bool use_channels_last(const at::Tensor& x) {
+  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+at::MemoryFormat memory_format(bool channels_last) {
+  return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+VectorArg vector_arg(const OptionalTensor& v) {
+  VectorArg arg;
+  if (v.has_value() && v->defined()) {
+    arg.data = v->const_data_ptr();
+    arg.stride = v->stride(0);
+    arg.is_float = v->scalar_type() == at::kFloat;
+  }
+  return arg;
+}
+
+MixerParams mixer_params(const OptionalTensor& weight, const OptionalTensor& layer_scale,
+                         const OptionalTensor& res_scale, const OptionalTensor& sample_scale) {
+  return {vector_arg(weight), vector_arg(layer_scale), vector_arg(res_scale),
+          vector_arg(sample_scale)};
+}
+
+MixerShape mixer_shape(const at::Tensor& x, int64_t num_groups, int64_t pool_size,
+                       bool channels_last) {
+  MixerShape s;
+  s.N = x.size(0), s.C = x.size(1), s.H = x.size(2), s.W = x.size(3);
+  s.G = num_groups, s.Cg = s.C / num_groups;
+  s.radius = pool_size / 2;
+  s.channels_last = channels_last;
+  return s;
+}
+
+// A requested (C,) gradient, in its parameter's dtype (x's when the parameter is absent).
+at::Tensor gradient_output(bool wanted, const OptionalTensor& param, const at::Tensor& x) {
+  if (!wanted) return at::Tensor();
+  const bool present = param.has_value() && param->defined();
+  return at::empty({x.size(1)}, x.options().dtype(present ? param->scalar_type() : x.scalar_type()));
+}
+
+GradArg grad_arg(const at::Tensor& g) {
+  GradArg arg;
+  if (g.defined()) {
+    arg.data = g.mutable_data_ptr();
+    arg.is_float = g.scalar_type() == at::kFloat;
+  }
+  return arg;
+}
+
+}  // namespace
+
+void check_forward_args(const at::Tensor& x, const OptionalTensor& weight,
+                        const OptionalTensor& bias, const OptionalTensor& layer_scale,
+                        const OptionalTensor& res_scale, const OptionalTensor& sample_scale,
+                        int64_t num_groups, int64_t pool_size, double eps) {
+  check_activation(x, "x");
+  check_vectors(x, weight, bias, layer_scale, res_scale, sample_scale);
+  check_options(x, num_groups, pool_size, eps);
+}
+
+void check_backward_args(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mean,
+                         const at::Tensor& rstd, const OptionalTensor& weight,
+                         const OptionalTensor& bias, const OptionalTensor& layer_scale,
+                         const OptionalTensor& res_scale, const OptionalTensor& sample_scale,
+                         int64_t num_groups, int64_t pool_size, double eps) {
+  check_activation(x, "x");
+  check_activation(grad_y, "grad_y");
+  TORCH_CHECK_VALUE(grad_y.sizes() == x.sizes(), "pool_mixer: grad_y has shape ", grad_y.sizes(),
+                    " but x has shape ", x.sizes());
+  TORCH_CHECK_TYPE(grad_y.scalar_type() == x.scalar_type(),
+                   "pool_mixer: grad_y must have x's dtype and device, got ",
+                   dtype_name(grad_y.scalar_type()), " for ", dtype_name(x.scalar_type()));
+  TORCH_CHECK_VALUE(grad_y.device() == x.device(),
+                    "pool_mixer: grad_y must have x's dtype and device, got ", grad_y.device(),
+                    " for ", x.device());
+  check_options(x, num_groups, pool_size, eps);
+  check_statistics(mean, "mean", x, num_groups);
+  check_statistics(rstd, "rstd", x, num_groups);
+  check_vectors(x, weight, bias, layer_scale, res_scale, sample_scale);
+}
+
+ForwardResult run_forward(const at::Tensor& x_in, const OptionalTensor& weight,
+                          const OptionalTensor& bias, const OptionalTensor& layer_scale,
+                          const OptionalTensor& res_scale, const OptionalTensor& sample_scale,
+                          int64_t num_groups, int64_t pool_size, double eps,
+                          at::DeviceType device_type, ForwardLauncher launch) {
+  check_forward_args(x_in, weight, bias, layer_scale, res_scale, sample_scale, num_groups,
+                     pool_size, eps);
+  check_device_type(x_in, device_type);
+  const c10::DeviceGuard device_guard(x_in.device());
+  const bool channels_last = use_channels_last(x_in);
+  const at::Tensor x = x_in.contiguous(memory_format(channels_last));
+  at::Tensor y = at::empty(x.sizes(), x.options(), memory_format(channels_last));
+  const auto stat_options = x.options().dtype(accumulate_type(x.scalar_type()));
+  at::Tensor mean = at::empty({x.size(0), num_groups}, stat_options);
+  at::Tensor rstd = at::empty({x.size(0), num_groups}, stat_options);
+  if (x.numel() == 0) {
+    // Groups without elements (C == 0 or H * W == 0): mean 0 and rstd = 1 / sqrt(eps).
+    if (mean.numel() > 0) {
+      mean.zero_();
+      rstd.fill_(1.0 / std::sqrt(eps));
+    }
+    return {y, mean, rstd};
+  }
+  const ForwardProblem problem{mixer_shape(x, num_groups, pool_size, channels_last),
+                               mixer_params(weight, layer_scale, res_scale, sample_scale),
+                               x, y, mean, rstd, eps};
+  launch(problem);
+  return {y, mean, rstd};
+}
+
+BackwardResult run_backward(const at::Tensor& grad_y_in, const at::Tensor& x_in,
+                            const at::Tensor& mean_in, const at::Tensor& rstd_in,
+                            const OptionalTensor& weight, const OptionalTensor& bias,
+                            const OptionalTensor& layer_scale, const OptionalTensor& res_scale,
+                            const OptionalTensor& sample_scale, int64_t num_groups,
+                            int64_t pool_size, double eps, std::array<bool, 5> output_mask,
+                            at::DeviceType device_type, BackwardLauncher launch) {
+  check_backward_args(grad_y_in, x_in, mean_in, rstd_in, weight, bias, layer_scale, res_scale,
+                      sample_scale, num_groups, pool_size, eps);
+  check_device_type(x_in, device_type);
+  const c10::DeviceGuard device_guard(x_in.device());
+  const bool channels_last = use_channels_last(x_in);
+  const auto format = memory_format(channels_last);
+  const at::Tensor x = x_in.contiguous(format);
+  const at::Tensor grad_y = grad_y_in.contiguous(format);
+  const at::Tensor mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
+  at::Tensor grad_x =
+      output_mask[0] ? at::empty(x.sizes(), x.options(), format) : at::Tensor();
+  at::Tensor grad_weight = gradient_output(output_mask[1], weight, x);
+  at::Tensor grad_bias = gradient_output(output_mask[2], bias, x);
+  at::Tensor grad_layer_scale = gradient_output(output_mask[3], layer_scale, x);
+  at::Tensor grad_res_scale = gradient_output(output_mask[4], res_scale, x);
+  if (x.numel() == 0) {
+    // Nothing to sum: every parameter gradient is zero.
+    for (at::Tensor* g : {&grad_weight, &grad_bias, &grad_layer_scale, &grad_res_scale}) {
+      if (g->defined()) g->zero_();
+    }
+    return {grad_x, grad_weight, grad_bias, grad_layer_scale, grad_res_scale};
+  }
+  const BackwardProblem problem{
+      mixer_shape(x, num_groups, pool_size, channels_last),
+      mixer_params(weight, layer_scale, res_scale, sample_scale),
+      grad_y, x, mean, rstd, grad_x,
+      ParamGrads{grad_arg(grad_weight), grad_arg(grad_bias), grad_arg(grad_layer_scale),
+                 grad_arg(grad_res_scale)}};
+  launch(problem);
+  return {grad_x, grad_weight, grad_bias, grad_layer_scale, grad_res_scale};
+}
+
+}  // namespace fused_poolformer

@@ -1,0 +1,83 @@
+// The host prologue shared by the CPU and CUDA operators: argument checks (each message
+// names the argument; ValueError / TypeError in Python), the memory layout, the outputs and
+// the empty-input case, then one call of the device's kernel launcher with raw pointers.
+// The launchers (csrc/cpu, csrc/cuda) allocate nothing but their own workspace and issue
+// no ATen arithmetic: every per-channel factor is formed inside the kernels.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <array>
+#include <optional>
+#include <tuple>
+
+#include "pool_mixer.h"
+
+namespace fused_poolformer {
+
+using OptionalTensor = std::optional<at::Tensor>;
+
+// Statistics are kept in float32, or float64 for a float64 x.
+inline at::ScalarType accumulate_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// What a forward launcher gets.  x is dense in the layout shape.channels_last names; y has
+// the same layout; mean and rstd are contiguous (N, G) in accumulate_type(x).
+struct ForwardProblem {
+  MixerShape shape;
+  MixerParams params;
+  const at::Tensor& x;
+  at::Tensor& y;
+  at::Tensor& mean;
+  at::Tensor& rstd;
+  double eps;
+};
+
+// What a backward launcher gets.  grad_y and x are dense in the same layout, grad_x (when
+// defined) too; mean and rstd are contiguous.  Every requested output must be written.
+struct BackwardProblem {
+  MixerShape shape;
+  MixerParams params;
+  const at::Tensor& grad_y;
+  const at::Tensor& x;
+  const at::Tensor& mean;
+  const at::Tensor& rstd;
+  at::Tensor& grad_x;  // undefined when not requested
+  ParamGrads grads;
+};
+
+using ForwardLauncher = void (*)(const ForwardProblem&);
+using BackwardLauncher = void (*)(const BackwardProblem&);
+
+using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// The operators' bodies for one device type: check, lay out, allocate, launch.
+ForwardResult run_forward(const at::Tensor& x, const OptionalTensor& weight,
+                          const OptionalTensor& bias, const OptionalTensor& layer_scale,
+                          const OptionalTensor& res_scale, const OptionalTensor& sample_scale,
+                          int64_t num_groups, int64_t pool_size, double eps,
+                          at::DeviceType device_type, ForwardLauncher launch);
+
+BackwardResult run_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mean,
+                            const at::Tensor& rstd, const OptionalTensor& weight,
+                            const OptionalTensor& bias, const OptionalTensor& layer_scale,
+                            const OptionalTensor& res_scale, const OptionalTensor& sample_scale,
+                            int64_t num_groups, int64_t pool_size, double eps,
+                            std::array<bool, 5> output_mask, at::DeviceType device_type,
+                            BackwardLauncher launch);
+
+// Argument checks, shared by the operators and the differentiable (double-backward) path.
+void check_forward_args(const at::Tensor& x, const OptionalTensor& weight,
+                        const OptionalTensor& bias, const OptionalTensor& layer_scale,
+                        const OptionalTensor& res_scale, const OptionalTensor& sample_scale,
+                        int64_t num_groups, int64_t pool_size, double eps);
+
+void check_backward_args(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mean,
+                         const at::Tensor& rstd, const OptionalTensor& weight,
+                         const OptionalTensor& bias, const OptionalTensor& layer_scale,
+                         const OptionalTensor& res_scale, const OptionalTensor& sample_scale,
+                         int64_t num_groups, int64_t pool_size, double eps);
+
+}  // namespace fused_poolformer
