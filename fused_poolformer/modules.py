@@ -3,9 +3,10 @@
 - :class:`FusedPoolMixer`: the first residual branch of a PoolFormer block
   (GroupNorm -> pool - x -> layer scale -> drop path -> residual add) as one module, for
   building new models.
-- :class:`FusedMetaFormerBlock` and :class:`FusedPoolFormerBlock`: replacements for timm's
-  ``MetaFormerBlock`` with a ``Pooling`` token mixer and for the original PoolFormer
-  repository's ``PoolFormerBlock``.  They are made *from* an existing block
+- :class:`FusedMetaFormerBlock` and :class:`FusedPoolFormerBlock`: replacements for a
+  ``MetaFormerBlock`` with a ``Pooling`` token mixer -- timm's, on (N, C, H, W) tensors, or
+  the official MetaFormer-baselines code's, on (N, H, W, C) tensors -- and for the original
+  PoolFormer repository's ``PoolFormerBlock``.  They are made *from* an existing block
   (:meth:`from_block`) and adopt its submodules and parameters as they are -- same objects,
   same names, same order -- so ``state_dict()`` and optimizers are unaffected.  Only the
   token-mixer branch runs through :func:`fused_poolformer.pool_mixer`; the MLP branch is
@@ -13,16 +14,20 @@
 
 Drop path draws its per-sample mask with the same RNG calls as timm's ``DropPath``, so a
 seeded training run gives the same result as the unfused model.
+
+A hook registered on a module the fused op stands in for (``norm1``, ``token_mixer``, the
+first branch's drop path and scales, or their children) would never fire: a fused block
+that finds one at call time runs that branch through the modules instead.
 """
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from .ops import BACKENDS, pool_mixer
 
-__all__ = ["FusedPoolMixer", "FusedMetaFormerBlock", "FusedPoolFormerBlock", "drop_path_scale"]
+__all__ = ["FusedPoolMixer", "FusedMetaFormerBlock", "FusedPoolFormerBlock", "drop_path_scale", "hooked_module"]
 
 
 def drop_path_scale(x: Tensor, drop_prob: float, training: bool, scale_by_keep: bool = True) -> Optional[Tensor]:
@@ -135,6 +140,52 @@ def pool_size_of(token_mixer: nn.Module) -> int:
     return kernel if isinstance(kernel, int) else kernel[0]
 
 
+def norm_arguments(norm: nn.Module) -> Tuple[Optional[Tensor], Optional[Tensor], int, float]:
+    """(weight, bias, num_groups, eps) of a block's ``norm1`` as ``pool_mixer`` takes them.
+
+    ``norm`` is an ``nn.GroupNorm`` or the MetaFormer-baselines ``LayerNormGeneral`` over
+    (H, W, C) -- one group per sample -- whose ``use_scale`` / ``use_bias`` flags say
+    whether its forward applies ``weight`` / ``bias``.
+    """
+    if isinstance(norm, nn.GroupNorm):
+        return norm.weight, norm.bias, norm.num_groups, norm.eps
+    weight = norm.weight if norm.use_scale else None
+    bias = norm.bias if norm.use_bias else None
+    return weight, bias, 1, norm.eps
+
+
+# (what the report calls it, the nn.Module attribute holding the hooks)
+_HOOK_KINDS = (
+    ("forward pre-hook", "_forward_pre_hooks"),
+    ("forward hook", "_forward_hooks"),
+    ("backward pre-hook", "_backward_pre_hooks"),
+    ("backward hook", "_backward_hooks"),
+)
+
+
+def hooked_module(block: nn.Module, names: Tuple[str, ...]) -> Optional[Tuple[str, str]]:
+    """(qualified name, hook kind) of the first module at or under ``block.<name>`` (for
+    each of ``names``) that holds a hook, or None where none does."""
+    for name in names:
+        for qualified, module in getattr(block, name).named_modules(prefix=name):
+            for kind, attribute in _HOOK_KINDS:
+                if getattr(module, attribute, None):
+                    return qualified, kind
+    return None
+
+
+def _any_hook(module: nn.Module) -> bool:
+    """Whether ``module`` or a module under it holds a hook: ``hooked_module``'s question
+    at a fraction of its cost (named_modules builds names and a memo set), since a fused
+    block asks it at every call.  Plain loops: generators cost more than the checks."""
+    if module._forward_pre_hooks or module._forward_hooks or module._backward_pre_hooks or module._backward_hooks:
+        return True
+    for child in module._modules.values():
+        if _any_hook(child):
+            return True
+    return False
+
+
 class _AdoptedBlock(nn.Module):
     """Base of the fused blocks: built from an existing block, adopting its state.
 
@@ -142,7 +193,13 @@ class _AdoptedBlock(nn.Module):
     buffers, flags and hooks are the same objects under the same names and in the same
     registration order (``state_dict()`` keys come out in the same order).  The
     containers are copied so that the original block is left intact.
+
+    ``BYPASSED`` names the submodules the fused op stands in for: they stay in the tree
+    (and in ``state_dict()``) but are not called -- unless one of them holds a hook.
     """
+
+    BYPASSED: Tuple[str, ...] = ()
+    layout = "NCHW"
 
     def _adopt(self, block: nn.Module, backend: str) -> None:
         for name, value in vars(block).items():
@@ -161,26 +218,36 @@ class _AdoptedBlock(nn.Module):
     def _read_settings(self) -> None:
         pass
 
+    def _bypassed_hooks(self) -> bool:
+        """Whether a hook was put on a bypassed module (after the conversion, which
+        leaves blocks with such hooks unfused): the branch must then call the modules."""
+        modules = self._modules
+        for name in self.BYPASSED:
+            if _any_hook(modules[name]):
+                return True
+        return False
+
     def _mix(self, x: Tensor, layer_scale: Optional[Tensor], res_scale: Optional[Tensor],
              drop_path: nn.Module) -> Tensor:
         """The token-mixer branch with its residual, in one fused op."""
+        weight, bias, num_groups, eps = norm_arguments(self.norm1)
         return pool_mixer(
-            x, self.norm1.weight, self.norm1.bias,
+            x, weight, bias,
             layer_scale=layer_scale,
             res_scale=res_scale,
             sample_scale=_module_drop_path_scale(x, drop_path),
-            num_groups=self.norm1.num_groups, pool_size=self.pool_size, eps=self.norm1.eps,
+            num_groups=num_groups, pool_size=self.pool_size, eps=eps,
             backend=self.backend,
         )
 
     def extra_repr(self) -> str:
-        return f"fused token mixer: pool_size={self.pool_size}, backend={self.backend!r}"
+        return f"fused token mixer: layout={self.layout}, pool_size={self.pool_size}, backend={self.backend!r}"
 
 
 def scale_parameter_name(module: nn.Module) -> Optional[str]:
     """Name of the (C,) vector a per-channel scale module multiplies by; None for Identity.
 
-    timm's ``Scale`` keeps it in ``scale`` and ``LayerScale2d`` in ``gamma``.
+    ``Scale`` keeps it in ``scale``, timm's ``LayerScale`` / ``LayerScale2d`` in ``gamma``.
     """
     if isinstance(module, nn.Identity):
         return None
@@ -188,14 +255,23 @@ def scale_parameter_name(module: nn.Module) -> Optional[str]:
 
 
 class FusedMetaFormerBlock(_AdoptedBlock):
-    """timm ``MetaFormerBlock`` with a ``Pooling`` token mixer, its first branch fused.
+    """A ``MetaFormerBlock`` with a ``Pooling`` token mixer, its first branch fused.
+
+    Serves timm's block (``layout`` "NCHW": (N, C, H, W) tensors, ``norm1`` a GroupNorm)
+    and the official MetaFormer-baselines block (``layout`` "NHWC": (N, H, W, C) tensors,
+    ``norm1`` a ``LayerNormGeneral`` over (H, W, C)).  An (N, H, W, C) tensor is handed to
+    the fused op as its (N, C, H, W) permutation -- channels_last when the input is
+    contiguous, so no copy is made -- and the result is permuted back.
 
     Keeps ``norm1``, ``token_mixer``, ``drop_path1``, ``layer_scale1``, ``res_scale1``,
     ``norm2``, ``mlp``, ``drop_path2``, ``layer_scale2``, ``res_scale2`` (``token_mixer``
     holds no parameters and is kept only so the module tree matches).
     """
 
+    BYPASSED = ("norm1", "token_mixer", "drop_path1", "layer_scale1", "res_scale1")
+
     def _read_settings(self) -> None:
+        self.layout = "NCHW" if isinstance(self.norm1, nn.GroupNorm) else "NHWC"
         self.layer_scale1_name = scale_parameter_name(self.layer_scale1)
         self.res_scale1_name = scale_parameter_name(self.res_scale1)
 
@@ -204,12 +280,18 @@ class FusedMetaFormerBlock(_AdoptedBlock):
 
     def token_mixer_branch(self, x: Tensor) -> Tensor:
         """``res_scale1(x) + layer_scale1(drop_path1(token_mixer(norm1(x))))``, fused."""
-        return self._mix(
-            x,
+        if self._bypassed_hooks():
+            return self.res_scale1(x) + self.layer_scale1(self.drop_path1(self.token_mixer(self.norm1(x))))
+        if self.layout == "NHWC" and x.dim() != 4:
+            raise ValueError(f"{type(self).__name__}: x must be 4-D (N, H, W, C), got shape {tuple(x.shape)}")
+        nchw = x.permute(0, 3, 1, 2) if self.layout == "NHWC" else x
+        y = self._mix(
+            nchw,
             layer_scale=self._vector(self.layer_scale1, self.layer_scale1_name),
             res_scale=self._vector(self.res_scale1, self.res_scale1_name),
             drop_path=self.drop_path1,
         )
+        return y.permute(0, 2, 3, 1) if self.layout == "NHWC" else y
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.token_mixer_branch(x)
@@ -224,9 +306,17 @@ class FusedPoolFormerBlock(_AdoptedBlock):
     (absent when ``use_layer_scale`` is False).
     """
 
+    # drop_path serves both branches: a hook on it fires twice per call in the original.
+    BYPASSED = ("norm1", "token_mixer", "drop_path")
+
     def token_mixer_branch(self, x: Tensor) -> Tensor:
         """``x + drop_path(layer_scale_1 * token_mixer(norm1(x)))``, fused."""
         layer_scale = self.layer_scale_1 if self.use_layer_scale else None
+        if self._bypassed_hooks():
+            mixed = self.token_mixer(self.norm1(x))
+            if layer_scale is not None:
+                mixed = layer_scale.unsqueeze(-1).unsqueeze(-1) * mixed
+            return x + self.drop_path(mixed)
         return self._mix(x, layer_scale=layer_scale, res_scale=None, drop_path=self.drop_path)
 
     def forward(self, x: Tensor) -> Tensor:
