@@ -33,7 +33,7 @@ from typing import List, Optional, Tuple, Type
 
 from torch import nn
 
-from .modules import FusedMetaFormerBlock, FusedPoolFormerBlock, _AdoptedBlock, _check_backend, hooked_module
+from .modules import FusedMetaFormerBlock, FusedPoolFormerBlock, _AdoptedBlock, _check_backend
 
 __all__ = ["ConversionReport", "check_block", "convert_model"]
 
@@ -172,6 +172,26 @@ def _check_drop_path(module, name: str) -> Optional[str]:
     if isinstance(module, nn.Identity) or (_type_name(module) == "DropPath" and hasattr(module, "drop_prob")):
         return None
     return f"{name} is {_type_name(module)}, not Identity or DropPath"
+
+
+# (what the report calls it, the nn.Module attribute holding the hooks)
+_HOOK_KINDS = (
+    ("forward pre-hook", "_forward_pre_hooks"),
+    ("forward hook", "_forward_hooks"),
+    ("backward pre-hook", "_backward_pre_hooks"),
+    ("backward hook", "_backward_hooks"),
+)
+
+
+def hooked_module(block: nn.Module, names: Tuple[str, ...]) -> Optional[Tuple[str, str]]:
+    """(qualified name, hook kind) of the first module at or under ``block.<name>`` (for
+    each of ``names``) that holds a hook, or None where none does."""
+    for name in names:
+        for qualified, module in getattr(block, name).named_modules(prefix=name):
+            for kind, attribute in _HOOK_KINDS:
+                if getattr(module, attribute, None):
+                    return qualified, kind
+    return None
 
 
 def _check_hooks(block, fused_class: Type[_AdoptedBlock]) -> Optional[str]:

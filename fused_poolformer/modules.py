@@ -15,9 +15,13 @@
 Drop path draws its per-sample mask with the same RNG calls as timm's ``DropPath``, so a
 seeded training run gives the same result as the unfused model.
 
-A hook registered on a module the fused op stands in for (``norm1``, ``token_mixer``, the
-first branch's drop path and scales, or their children) would never fire: a fused block
-that finds one at call time runs that branch through the modules instead.
+The modules the fused op stands in for (``norm1``, ``token_mixer``, the first branch's
+drop path and scales, and their children) stay in the tree but are not called: a hook on
+them does not fire.  ``convert_model`` therefore leaves a block holding such a hook
+unfused; a hook registered on them after the conversion does not fire (register it
+before converting, or on the block).  The blocks do not look for hooks at every call:
+tools that hook every module while they run (fvcore, hook-based profilers) would switch
+the fused path off while they measure it.
 """
 
 from typing import Optional, Tuple
@@ -27,7 +31,7 @@ from torch import Tensor, nn
 
 from .ops import BACKENDS, pool_mixer
 
-__all__ = ["FusedPoolMixer", "FusedMetaFormerBlock", "FusedPoolFormerBlock", "drop_path_scale", "hooked_module"]
+__all__ = ["FusedPoolMixer", "FusedMetaFormerBlock", "FusedPoolFormerBlock", "drop_path_scale"]
 
 
 def drop_path_scale(x: Tensor, drop_prob: float, training: bool, scale_by_keep: bool = True) -> Optional[Tensor]:
@@ -154,38 +158,6 @@ def norm_arguments(norm: nn.Module) -> Tuple[Optional[Tensor], Optional[Tensor],
     return weight, bias, 1, norm.eps
 
 
-# (what the report calls it, the nn.Module attribute holding the hooks)
-_HOOK_KINDS = (
-    ("forward pre-hook", "_forward_pre_hooks"),
-    ("forward hook", "_forward_hooks"),
-    ("backward pre-hook", "_backward_pre_hooks"),
-    ("backward hook", "_backward_hooks"),
-)
-
-
-def hooked_module(block: nn.Module, names: Tuple[str, ...]) -> Optional[Tuple[str, str]]:
-    """(qualified name, hook kind) of the first module at or under ``block.<name>`` (for
-    each of ``names``) that holds a hook, or None where none does."""
-    for name in names:
-        for qualified, module in getattr(block, name).named_modules(prefix=name):
-            for kind, attribute in _HOOK_KINDS:
-                if getattr(module, attribute, None):
-                    return qualified, kind
-    return None
-
-
-def _any_hook(module: nn.Module) -> bool:
-    """Whether ``module`` or a module under it holds a hook: ``hooked_module``'s question
-    at a fraction of its cost (named_modules builds names and a memo set), since a fused
-    block asks it at every call.  Plain loops: generators cost more than the checks."""
-    if module._forward_pre_hooks or module._forward_hooks or module._backward_pre_hooks or module._backward_hooks:
-        return True
-    for child in module._modules.values():
-        if _any_hook(child):
-            return True
-    return False
-
-
 class _AdoptedBlock(nn.Module):
     """Base of the fused blocks: built from an existing block, adopting its state.
 
@@ -195,7 +167,8 @@ class _AdoptedBlock(nn.Module):
     containers are copied so that the original block is left intact.
 
     ``BYPASSED`` names the submodules the fused op stands in for: they stay in the tree
-    (and in ``state_dict()``) but are not called -- unless one of them holds a hook.
+    (and in ``state_dict()``) but are not called, so hooks on them do not fire
+    (``convert_model`` leaves a block whose bypassed modules hold hooks unfused).
     """
 
     BYPASSED: Tuple[str, ...] = ()
@@ -217,15 +190,6 @@ class _AdoptedBlock(nn.Module):
 
     def _read_settings(self) -> None:
         pass
-
-    def _bypassed_hooks(self) -> bool:
-        """Whether a hook was put on a bypassed module (after the conversion, which
-        leaves blocks with such hooks unfused): the branch must then call the modules."""
-        modules = self._modules
-        for name in self.BYPASSED:
-            if _any_hook(modules[name]):
-                return True
-        return False
 
     def _mix(self, x: Tensor, layer_scale: Optional[Tensor], res_scale: Optional[Tensor],
              drop_path: nn.Module) -> Tensor:
@@ -280,8 +244,6 @@ class FusedMetaFormerBlock(_AdoptedBlock):
 
     def token_mixer_branch(self, x: Tensor) -> Tensor:
         """``res_scale1(x) + layer_scale1(drop_path1(token_mixer(norm1(x))))``, fused."""
-        if self._bypassed_hooks():
-            return self.res_scale1(x) + self.layer_scale1(self.drop_path1(self.token_mixer(self.norm1(x))))
         if self.layout == "NHWC" and x.dim() != 4:
             raise ValueError(f"{type(self).__name__}: x must be 4-D (N, H, W, C), got shape {tuple(x.shape)}")
         nchw = x.permute(0, 3, 1, 2) if self.layout == "NHWC" else x
@@ -312,11 +274,6 @@ class FusedPoolFormerBlock(_AdoptedBlock):
     def token_mixer_branch(self, x: Tensor) -> Tensor:
         """``x + drop_path(layer_scale_1 * token_mixer(norm1(x)))``, fused."""
         layer_scale = self.layer_scale_1 if self.use_layer_scale else None
-        if self._bypassed_hooks():
-            mixed = self.token_mixer(self.norm1(x))
-            if layer_scale is not None:
-                mixed = layer_scale.unsqueeze(-1).unsqueeze(-1) * mixed
-            return x + self.drop_path(mixed)
         return self._mix(x, layer_scale=layer_scale, res_scale=None, drop_path=self.drop_path)
 
     def forward(self, x: Tensor) -> Tensor:
