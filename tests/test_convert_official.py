@@ -184,3 +184,9 @@ def test_convformer_converts_nothing():
     assert report.converted == []
     assert report.skipped == [(f"stages.{s}.{b}", "token_mixer is SepConv, not a Pooling mixer")
                               for s, depth in enumerate((3, 3, 9, 3)) for b in range(depth)]
+
+
+def test_nhwc_block_rejects_a_tensor_that_is_not_4d():
+    block = convert_model(MetaFormerBlock(8, token_mixer=Pooling, norm_layer=POOLFORMERV2_NORM))
+    with pytest.raises(ValueError, match=r"x must be 4-D \(N, H, W, C\), got shape \(2, 5, 8\)"):
+        block(torch.randn(2, 5, 8))
