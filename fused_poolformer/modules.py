@@ -3,9 +3,10 @@
 - :class:`FusedPoolMixer`: the first residual branch of a PoolFormer block
   (GroupNorm -> pool - x -> layer scale -> drop path -> residual add) as one module, for
   building new models.
-- :class:`FusedMetaFormerBlock` and :class:`FusedPoolFormerBlock`: replacements for timm's
-  ``MetaFormerBlock`` with a ``Pooling`` token mixer and for the original PoolFormer
-  repository's ``PoolFormerBlock``.  They are made *from* an existing block
+- :class:`FusedMetaFormerBlock` and :class:`FusedPoolFormerBlock`: replacements for a
+  ``MetaFormerBlock`` with a ``Pooling`` token mixer -- timm's, on (N, C, H, W) tensors, or
+  the official MetaFormer-baselines code's, on (N, H, W, C) tensors -- and for the original
+  PoolFormer repository's ``PoolFormerBlock``.  They are made *from* an existing block
   (:meth:`from_block`) and adopt its submodules and parameters as they are -- same objects,
   same names, same order -- so ``state_dict()`` and optimizers are unaffected.  Only the
   token-mixer branch runs through :func:`fused_poolformer.pool_mixer`; the MLP branch is
@@ -13,9 +14,17 @@
 
 Drop path draws its per-sample mask with the same RNG calls as timm's ``DropPath``, so a
 seeded training run gives the same result as the unfused model.
+
+The modules the fused op stands in for (``norm1``, ``token_mixer``, the first branch's
+drop path and scales, and their children) stay in the tree but are not called: a hook on
+them does not fire.  ``convert_model`` therefore leaves a block holding such a hook
+unfused; a hook registered on them after the conversion does not fire (register it
+before converting, or on the block).  The blocks do not look for hooks at every call:
+tools that hook every module while they run (fvcore, hook-based profilers) would switch
+the fused path off while they measure it.
 """
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -135,6 +144,20 @@ def pool_size_of(token_mixer: nn.Module) -> int:
     return kernel if isinstance(kernel, int) else kernel[0]
 
 
+def norm_arguments(norm: nn.Module) -> Tuple[Optional[Tensor], Optional[Tensor], int, float]:
+    """(weight, bias, num_groups, eps) of a block's ``norm1`` as ``pool_mixer`` takes them.
+
+    ``norm`` is an ``nn.GroupNorm`` or the MetaFormer-baselines ``LayerNormGeneral`` over
+    (H, W, C) -- one group per sample -- whose ``use_scale`` / ``use_bias`` flags say
+    whether its forward applies ``weight`` / ``bias``.
+    """
+    if isinstance(norm, nn.GroupNorm):
+        return norm.weight, norm.bias, norm.num_groups, norm.eps
+    weight = norm.weight if norm.use_scale else None
+    bias = norm.bias if norm.use_bias else None
+    return weight, bias, 1, norm.eps
+
+
 class _AdoptedBlock(nn.Module):
     """Base of the fused blocks: built from an existing block, adopting its state.
 
@@ -142,7 +165,14 @@ class _AdoptedBlock(nn.Module):
     buffers, flags and hooks are the same objects under the same names and in the same
     registration order (``state_dict()`` keys come out in the same order).  The
     containers are copied so that the original block is left intact.
+
+    ``BYPASSED`` names the submodules the fused op stands in for: they stay in the tree
+    (and in ``state_dict()``) but are not called, so hooks on them do not fire
+    (``convert_model`` leaves a block whose bypassed modules hold hooks unfused).
     """
+
+    BYPASSED: Tuple[str, ...] = ()
+    layout = "NCHW"
 
     def _adopt(self, block: nn.Module, backend: str) -> None:
         for name, value in vars(block).items():
@@ -164,23 +194,24 @@ class _AdoptedBlock(nn.Module):
     def _mix(self, x: Tensor, layer_scale: Optional[Tensor], res_scale: Optional[Tensor],
              drop_path: nn.Module) -> Tensor:
         """The token-mixer branch with its residual, in one fused op."""
+        weight, bias, num_groups, eps = norm_arguments(self.norm1)
         return pool_mixer(
-            x, self.norm1.weight, self.norm1.bias,
+            x, weight, bias,
             layer_scale=layer_scale,
             res_scale=res_scale,
             sample_scale=_module_drop_path_scale(x, drop_path),
-            num_groups=self.norm1.num_groups, pool_size=self.pool_size, eps=self.norm1.eps,
+            num_groups=num_groups, pool_size=self.pool_size, eps=eps,
             backend=self.backend,
         )
 
     def extra_repr(self) -> str:
-        return f"fused token mixer: pool_size={self.pool_size}, backend={self.backend!r}"
+        return f"fused token mixer: layout={self.layout}, pool_size={self.pool_size}, backend={self.backend!r}"
 
 
 def scale_parameter_name(module: nn.Module) -> Optional[str]:
     """Name of the (C,) vector a per-channel scale module multiplies by; None for Identity.
 
-    timm's ``Scale`` keeps it in ``scale`` and ``LayerScale2d`` in ``gamma``.
+    ``Scale`` keeps it in ``scale``, timm's ``LayerScale`` / ``LayerScale2d`` in ``gamma``.
     """
     if isinstance(module, nn.Identity):
         return None
@@ -188,14 +219,23 @@ def scale_parameter_name(module: nn.Module) -> Optional[str]:
 
 
 class FusedMetaFormerBlock(_AdoptedBlock):
-    """timm ``MetaFormerBlock`` with a ``Pooling`` token mixer, its first branch fused.
+    """A ``MetaFormerBlock`` with a ``Pooling`` token mixer, its first branch fused.
+
+    Serves timm's block (``layout`` "NCHW": (N, C, H, W) tensors, ``norm1`` a GroupNorm)
+    and the official MetaFormer-baselines block (``layout`` "NHWC": (N, H, W, C) tensors,
+    ``norm1`` a ``LayerNormGeneral`` over (H, W, C)).  An (N, H, W, C) tensor is handed to
+    the fused op as its (N, C, H, W) permutation -- channels_last when the input is
+    contiguous, so no copy is made -- and the result is permuted back.
 
     Keeps ``norm1``, ``token_mixer``, ``drop_path1``, ``layer_scale1``, ``res_scale1``,
     ``norm2``, ``mlp``, ``drop_path2``, ``layer_scale2``, ``res_scale2`` (``token_mixer``
     holds no parameters and is kept only so the module tree matches).
     """
 
+    BYPASSED = ("norm1", "token_mixer", "drop_path1", "layer_scale1", "res_scale1")
+
     def _read_settings(self) -> None:
+        self.layout = "NCHW" if isinstance(self.norm1, nn.GroupNorm) else "NHWC"
         self.layer_scale1_name = scale_parameter_name(self.layer_scale1)
         self.res_scale1_name = scale_parameter_name(self.res_scale1)
 
@@ -204,12 +244,16 @@ class FusedMetaFormerBlock(_AdoptedBlock):
 
     def token_mixer_branch(self, x: Tensor) -> Tensor:
         """``res_scale1(x) + layer_scale1(drop_path1(token_mixer(norm1(x))))``, fused."""
-        return self._mix(
-            x,
+        if self.layout == "NHWC" and x.dim() != 4:
+            raise ValueError(f"{type(self).__name__}: x must be 4-D (N, H, W, C), got shape {tuple(x.shape)}")
+        nchw = x.permute(0, 3, 1, 2) if self.layout == "NHWC" else x
+        y = self._mix(
+            nchw,
             layer_scale=self._vector(self.layer_scale1, self.layer_scale1_name),
             res_scale=self._vector(self.res_scale1, self.res_scale1_name),
             drop_path=self.drop_path1,
         )
+        return y.permute(0, 2, 3, 1) if self.layout == "NHWC" else y
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.token_mixer_branch(x)
@@ -223,6 +267,9 @@ class FusedPoolFormerBlock(_AdoptedBlock):
     ``use_layer_scale`` and the bare Parameters ``layer_scale_1`` / ``layer_scale_2``
     (absent when ``use_layer_scale`` is False).
     """
+
+    # drop_path serves both branches: a hook on it fires twice per call in the original.
+    BYPASSED = ("norm1", "token_mixer", "drop_path")
 
     def token_mixer_branch(self, x: Tensor) -> Tensor:
         """``x + drop_path(layer_scale_1 * token_mixer(norm1(x)))``, fused."""

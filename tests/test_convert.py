@@ -1,10 +1,11 @@
-"""convert_model on timm PoolFormers, hybrid MetaFormers and the original repository's layout.
+"""convert_model on timm PoolFormers, hybrid MetaFormers and the original repository's layout,
+and the hook rule.
 
 Every test compares a converted model with the unconverted one on random data: outputs
 and every parameter gradient (relative error < 1e-4 in float32), the fused operator
 running once per converted block in the forward and once in the backward, and
-``state_dict()`` unchanged.  The helpers here (the original PoolFormer re-implementation,
-comparisons, op counting) are shared with test_modules.py and test_ddp.py.
+``state_dict()`` unchanged (helpers in conversion_checks.py; the official MetaFormer
+baselines are in test_convert_official.py).
 """
 
 import copy
@@ -13,281 +14,21 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath
 from timm.models import metaformer as timm_metaformer
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from conversion_checks import (
+    REL_TOL,
+    count_pooling_blocks,
+    random_timm_model,
+    randomize_vectors,
+    relative_error,
+    run_and_compare,
+    tiny_metaformer,
+)
 from fused_poolformer.convert import check_block, convert_model
 from fused_poolformer.modules import FusedMetaFormerBlock, FusedPoolFormerBlock
-
-REL_TOL = 1e-4
-
-
-# ---------------------------------------------------------------------------------------
-# The original PoolFormer repository's model (sail-sg/poolformer, models/poolformer.py),
-# re-implemented faithfully since that repository cannot be imported.  It uses timm's
-# DropPath, as the original does.
-
-
-class OriginalGroupNorm(nn.GroupNorm):
-    """GroupNorm with 1 group (the repository's ``GroupNorm``)."""
-
-    def __init__(self, num_channels, **kwargs):
-        super().__init__(1, num_channels, **kwargs)
-
-
-class LayerNormChannel(nn.Module):
-    """The repository's channel-only LayerNorm (an alternative ``norm_layer``)."""
-
-    def __init__(self, num_channels, eps=1e-05):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(num_channels))
-        self.bias = nn.Parameter(torch.zeros(num_channels))
-        self.eps = eps
-
-    def forward(self, x):
-        u = x.mean(1, keepdim=True)
-        s = (x - u).pow(2).mean(1, keepdim=True)
-        x = (x - u) / torch.sqrt(s + self.eps)
-        return self.weight.unsqueeze(-1).unsqueeze(-1) * x + self.bias.unsqueeze(-1).unsqueeze(-1)
-
-
-class Pooling(nn.Module):
-    def __init__(self, pool_size=3, count_include_pad=False):
-        super().__init__()
-        self.pool = nn.AvgPool2d(pool_size, stride=1, padding=pool_size // 2, count_include_pad=count_include_pad)
-
-    def forward(self, x):
-        return self.pool(x) - x
-
-
-class OriginalMlp(nn.Module):
-    def __init__(self, in_features, hidden_features, act_layer=nn.GELU, drop=0.0):
-        super().__init__()
-        self.fc1 = nn.Conv2d(in_features, hidden_features, 1)
-        self.act = act_layer()
-        self.fc2 = nn.Conv2d(hidden_features, in_features, 1)
-        self.drop = nn.Dropout(drop)
-
-    def forward(self, x):
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
-
-
-class PoolFormerBlock(nn.Module):
-    def __init__(self, dim, pool_size=3, mlp_ratio=4.0, act_layer=nn.GELU, norm_layer=OriginalGroupNorm,
-                 drop=0.0, drop_path=0.0, use_layer_scale=True, layer_scale_init_value=1e-5,
-                 count_include_pad=False):
-        super().__init__()
-        self.norm1 = norm_layer(dim)
-        self.token_mixer = Pooling(pool_size=pool_size, count_include_pad=count_include_pad)
-        self.norm2 = norm_layer(dim)
-        self.mlp = OriginalMlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
-        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-        self.use_layer_scale = use_layer_scale
-        if use_layer_scale:
-            self.layer_scale_1 = nn.Parameter(layer_scale_init_value * torch.ones((dim)), requires_grad=True)
-            self.layer_scale_2 = nn.Parameter(layer_scale_init_value * torch.ones((dim)), requires_grad=True)
-
-    def forward(self, x):
-        if self.use_layer_scale:
-            x = x + self.drop_path(self.layer_scale_1.unsqueeze(-1).unsqueeze(-1) * self.token_mixer(self.norm1(x)))
-            x = x + self.drop_path(self.layer_scale_2.unsqueeze(-1).unsqueeze(-1) * self.mlp(self.norm2(x)))
-        else:
-            x = x + self.drop_path(self.token_mixer(self.norm1(x)))
-            x = x + self.drop_path(self.mlp(self.norm2(x)))
-        return x
-
-
-class PatchEmbed(nn.Module):
-    def __init__(self, patch_size, stride, padding, in_chans, embed_dim):
-        super().__init__()
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=stride, padding=padding)
-        self.norm = nn.Identity()
-
-    def forward(self, x):
-        return self.norm(self.proj(x))
-
-
-class OriginalPoolFormer(nn.Module):
-    """The repository's ``PoolFormer`` (classification), small: ``network`` alternates
-    stages (Sequential of PoolFormerBlocks) and downsampling PatchEmbeds."""
-
-    def __init__(self, layers=(2, 2), embed_dims=(16, 32), pool_size=3, use_layer_scale=True,
-                 layer_scale_init_value=1e-5, drop_path_rate=0.0, norm_layer=OriginalGroupNorm,
-                 num_classes=10, count_include_pad=False):
-        super().__init__()
-        self.patch_embed = PatchEmbed(7, 4, 2, 3, embed_dims[0])
-        network = []
-        for i, depth in enumerate(layers):
-            blocks = []
-            for j in range(depth):
-                rate = drop_path_rate * (j + sum(layers[:i])) / max(sum(layers) - 1, 1)
-                blocks.append(PoolFormerBlock(
-                    embed_dims[i], pool_size=pool_size, norm_layer=norm_layer, drop_path=rate,
-                    use_layer_scale=use_layer_scale, layer_scale_init_value=layer_scale_init_value,
-                    count_include_pad=count_include_pad))
-            network.append(nn.Sequential(*blocks))
-            if i + 1 < len(layers):
-                network.append(PatchEmbed(3, 2, 1, embed_dims[i], embed_dims[i + 1]))
-        self.network = nn.ModuleList(network)
-        self.norm = norm_layer(embed_dims[-1])
-        self.head = nn.Linear(embed_dims[-1], num_classes)
-
-    def forward(self, x):
-        x = self.patch_embed(x)
-        for stage in self.network:
-            x = stage(x)
-        return self.head(self.norm(x).mean([-2, -1]))
-
-
-# ---------------------------------------------------------------------------------------
-# Shared helpers.
-
-
-def tiny_metaformer(**kwargs) -> timm_metaformer.MetaFormer:
-    """A small timm MetaFormer with pooling mixers, v1 layer scale and v2 res scale."""
-    from timm.layers import GroupNorm1
-
-    args = dict(depths=(2, 2), dims=(16, 32), token_mixers=timm_metaformer.Pooling, norm_layers=GroupNorm1,
-                downsample_norm=None, mlp_act=nn.GELU, mlp_bias=True, layer_scale_init_values=1e-5,
-                res_scale_init_values=(None, 1.0), use_mlp_head=False, num_classes=10)
-    args.update(kwargs)
-    return timm_metaformer.MetaFormer(**args)
-
-
-def randomize_vectors(model: nn.Module, seed: int = 0) -> None:
-    """Random values for every 1-D parameter (norm affines, layer/res scales), so that
-    the token mixer contributes to the output and every one of them gets a gradient
-    (the default layer scale of 1e-5 would hide the mixer)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1 and p.numel() > 1:
-                sign = torch.randint(0, 2, p.shape, generator=g) * 2 - 1
-                p.copy_(sign * (torch.rand(p.shape, generator=g) * 0.8 + 0.2))
-
-
-def random_timm_model(name: str, seed: int = 0) -> nn.Module:
-    """A timm model with random weights, built on the meta device and filled directly:
-    timm's truncated-normal init of 50-70 M parameters costs seconds on 2 cores."""
-    model = timm.create_model(name, pretrained=False, num_classes=10, device="meta").to_empty(device="cpu")
-    assert not list(model.buffers()), "random_timm_model fills parameters only"
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("act.scale", "act.bias")):  # StarReLU: s * relu(x)**2 + b
-                p.fill_(1.0 if name.endswith("scale") else 0.0)
-            else:
-                p.normal_(0.0, 0.02, generator=g)
-    randomize_vectors(model, seed)
-    return model.eval()
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    expected = expected.detach().double()
-    return ((actual.detach().double() - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
-
-
-def analytically_zero(name: str, fused: nn.Module) -> bool:
-    """The token-mixer norm bias of a converted block: its gradient is exactly zero
-    (it cancels out of pool(n) - n, DESIGN.md section 2)."""
-    block_name, _, param = name.rpartition(".")
-    if param != "bias" or not block_name.endswith("norm1"):
-        return False
-    block = fused.get_submodule(block_name.rpartition(".")[0])
-    return isinstance(block, (FusedMetaFormerBlock, FusedPoolFormerBlock))
-
-
-def gradients(model: nn.Module) -> dict:
-    return {name: p.grad for name, p in model.named_parameters()}
-
-
-def assert_gradients_match(expected: dict, fused: nn.Module, tol: float = REL_TOL) -> None:
-    """Every parameter gradient of ``fused`` equals ``expected[name]`` (the unfused
-    model's; relative error < tol).  A converted norm1 bias gets exact zeros; the unfused
-    graph gets rounding noise there, small against the norm1 weight's gradient."""
-    actual = gradients(fused)
-    assert list(actual) == list(expected), "parameter names changed"
-    for name, grad in expected.items():
-        assert actual[name] is not None, f"{name}: no gradient in the converted model"
-        if analytically_zero(name, fused):
-            assert torch.count_nonzero(actual[name]) == 0, f"{name}: gradient should be exactly zero"
-            weight_grad = expected[name[: -len("bias")] + "weight"]
-            assert grad.abs().max() <= tol * weight_grad.abs().max(), f"{name}: unfused gradient not ~0"
-            continue
-        err = relative_error(actual[name], grad)
-        assert err < tol, f"{name}: gradient relative error {err:.2e}"
-
-
-def assert_state_dict_unchanged(before: dict, model: nn.Module) -> None:
-    after = model.state_dict()
-    assert list(after) == list(before), "state_dict keys (or their order) changed"
-    for key, value in before.items():
-        assert torch.equal(after[key], value), f"state_dict value {key} changed"
-
-
-class CountFusedOps(TorchDispatchMode):
-    """Counts the fused forward and backward operators as they are dispatched, and
-    records the (dtype, channels_last) of each forward's input and output."""
-
-    def __init__(self):
-        super().__init__()
-        self.forward = self.backward = 0
-        self.forward_layouts = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.fused_poolformer.pool_mixer_forward.default:
-            self.forward += 1
-            y = func(*args, **(kwargs or {}))
-            layout = lambda t: (t.dtype, t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous())
-            self.forward_layouts.append((layout(args[0]), layout(y[0])))
-            return y
-        elif func is torch.ops.fused_poolformer.pool_mixer_backward.default:
-            self.backward += 1
-        return func(*args, **(kwargs or {}))
-
-
-def count_pooling_blocks(model: nn.Module) -> int:
-    return sum(type(m).__name__ == "Pooling" for m in model.modules())
-
-
-def forward_backward(model: nn.Module, x: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    """Output of ``model`` and backward of a random projection of it.  The global RNG is
-    seeded first, so that models in training mode draw the same drop-path masks."""
-    torch.manual_seed(seed)
-    y = model(x)
-    grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
-    (y * grad_out).sum().backward()
-    return y.detach()
-
-
-def run_and_compare(model: nn.Module, x: torch.Tensor, expect_converted=None, inplace=False):
-    """Runs ``model`` unfused, converts it and checks outputs, gradients, fused-op counts
-    and state_dict.  ``inplace`` converts ``model`` itself (saving a copy of a big model;
-    its unfused gradients are set aside first), else a copy, and checks that ``model``
-    is left as it was.  Returns the converted model."""
-    expected_blocks = count_pooling_blocks(model) if expect_converted is None else expect_converted
-    y_ref = forward_backward(model, x)
-    expected_grads = gradients(model)
-    before = model.state_dict() if inplace else {k: v.clone() for k, v in model.state_dict().items()}
-    fused = convert_model(model, backend="cpu", inplace=inplace)
-    if inplace:
-        model.zero_grad(set_to_none=True)
-    assert len(fused.fused_poolformer_report.converted) == expected_blocks, str(fused.fused_poolformer_report)
-    assert_state_dict_unchanged(before, fused)
-
-    with CountFusedOps() as counter:
-        y = forward_backward(fused, x)
-    assert counter.forward == expected_blocks, f"fused forward ran {counter.forward} times for {expected_blocks} blocks"
-    assert counter.backward == expected_blocks, f"fused backward ran {counter.backward} times for {expected_blocks} blocks"
-    err = relative_error(y, y_ref)
-    assert err < REL_TOL, f"output relative error {err:.2e}"
-    assert_gradients_match(expected_grads, fused)
-    if not inplace:
-        assert_state_dict_unchanged(before, model)
-        assert all(p.grad is g for p, g in zip(model.parameters(), expected_grads.values())), "original touched"
-    return fused
+from poolformer_replica import LayerNormChannel, OriginalPoolFormer, PoolFormerBlock
 
 
 # ---------------------------------------------------------------------------------------
@@ -340,12 +81,12 @@ def test_caformer_converts_nothing_and_reports_why():
 
 
 def test_pooling_block_with_layernorm_is_skipped():
-    """poolformerv2's default MetaFormer norm (LayerNorm2dNoBias) is not a GroupNorm."""
+    """poolformerv2's default MetaFormer norm (LayerNorm2dNoBias) normalizes over C per position."""
     model = tiny_metaformer(norm_layers=timm.layers.LayerNorm2d)
     fused = convert_model(model)
     report = fused.fused_poolformer_report
     assert report.converted == []
-    assert report.skipped[0] == ("stages.0.blocks.0", "norm1 is LayerNorm2d, not a GroupNorm")
+    assert report.skipped[0] == ("stages.0.blocks.0", "norm1 is LayerNorm2d, not a GroupNorm or a LayerNormGeneral over (H, W, C)")
     assert len(report.skipped) == 4
 
 
@@ -369,8 +110,8 @@ def test_original_poolformer_matches_unfused(use_layer_scale, pool_size):
 @pytest.mark.parametrize(
     "kwargs,reason",
     [
-        (dict(norm_layer=LayerNormChannel), "norm1 is LayerNormChannel, not a GroupNorm"),
-        (dict(norm_layer=nn.BatchNorm2d), "norm1 is BatchNorm2d, not a GroupNorm"),
+        (dict(norm_layer=LayerNormChannel), "norm1 is LayerNormChannel, not a GroupNorm or a LayerNormGeneral over (H, W, C)"),
+        (dict(norm_layer=nn.BatchNorm2d), "norm1 is BatchNorm2d, not a GroupNorm or a LayerNormGeneral over (H, W, C)"),
         (dict(count_include_pad=True), "pool has count_include_pad=True"),
     ],
 )
@@ -472,3 +213,78 @@ def test_train_mode_is_kept():
     model.stages[0].eval()
     fused = convert_model(model)
     assert [m.training for m in fused.modules()] == [m.training for m in model.modules()]
+
+
+# ---------------------------------------------------------------------------------------
+# Hooks: a hook on a module the fused op stands in for must keep firing.
+
+# (module under stages.1.blocks.0, how the hook is registered, what the report calls it)
+BYPASSED_HOOK_SITES = [
+    ("norm1", "register_forward_hook", "forward hook"),
+    ("token_mixer", "register_forward_pre_hook", "forward pre-hook"),
+    ("token_mixer.pool", "register_forward_hook", "forward hook"),
+    ("layer_scale1", "register_forward_hook", "forward hook"),
+    ("norm1", "register_full_backward_hook", "backward hook"),
+]
+
+
+def recording_hook(register: str, calls: list):
+    """A hook of the kind ``register`` registers that records the tensor it sees: the
+    output of a forward hook, the input of a pre-hook, the output gradient of a backward hook."""
+    picks = {
+        "register_forward_hook": lambda args: args[1],
+        "register_forward_pre_hook": lambda args: args[0][0],
+        "register_full_backward_hook": lambda args: args[1][0],
+    }
+    return lambda module, *args: calls.append(picks[register](args).detach().clone())
+
+
+@pytest.mark.parametrize("site,register,kind", BYPASSED_HOOK_SITES)
+def test_block_with_a_hook_on_a_bypassed_module_is_left_unfused(site, register, kind):
+    torch.manual_seed(0)
+    model = tiny_metaformer()
+    randomize_vectors(model)
+    calls = []
+    getattr(model.stages[1].blocks[0].get_submodule(site), register)(recording_hook(register, calls))
+
+    fused = run_and_compare(model, torch.randn(2, 3, 32, 32), expect_converted=3)
+    report = fused.fused_poolformer_report
+    assert report.skipped == [
+        ("stages.1.blocks.0", f"{site} has a {kind}, which would not fire in a fused block (it does not call {site})")]
+    assert type(fused.stages[1].blocks[0]) is timm_metaformer.MetaFormerBlock
+    assert len(calls) == 2, "the hook fired once in the unfused run and once in the converted one"
+    assert relative_error(calls[1], calls[0]) < REL_TOL
+
+
+def test_hooks_on_the_block_and_its_other_modules_keep_firing():
+    """Hooks on the block itself, norm2 and mlp do not stop the conversion: the fused
+    block is called as the block was and calls norm2 and mlp."""
+    torch.manual_seed(0)
+    model = tiny_metaformer()
+    randomize_vectors(model)
+    block = model.stages[0].blocks[1]
+    calls = {name: [] for name in ("block pre", "block", "norm2", "mlp")}
+    block.register_forward_pre_hook(recording_hook("register_forward_pre_hook", calls["block pre"]))
+    block.register_forward_hook(recording_hook("register_forward_hook", calls["block"]))
+    block.norm2.register_forward_hook(recording_hook("register_forward_hook", calls["norm2"]))
+    block.mlp.register_full_backward_hook(recording_hook("register_full_backward_hook", calls["mlp"]))
+
+    fused = run_and_compare(model, torch.randn(2, 3, 32, 32))
+    assert isinstance(fused.stages[0].blocks[1], FusedMetaFormerBlock)
+    for name, seen in calls.items():
+        assert len(seen) == 2, f"{name}: fired {len(seen)} times in two runs"
+        assert relative_error(seen[1], seen[0]) < REL_TOL, name
+
+
+def test_original_block_with_a_hook_on_drop_path_is_left_unfused():
+    """The original block calls drop_path in both branches: a hook on it fires twice."""
+    torch.manual_seed(0)
+    model = OriginalPoolFormer(layers=(1, 1), drop_path_rate=0.5).train()
+    randomize_vectors(model)
+    calls = []
+    model.network[2][0].drop_path.register_forward_hook(recording_hook("register_forward_hook", calls))
+    fused = run_and_compare(model, torch.randn(4, 3, 32, 32), expect_converted=1)
+    assert fused.fused_poolformer_report.skipped == [
+        ("network.2.0", "drop_path has a forward hook, which would not fire in a fused block (it does not call drop_path)")]
+    assert len(calls) == 4
+    assert all(relative_error(after, before) < REL_TOL for before, after in zip(calls[:2], calls[2:]))

@@ -11,8 +11,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+from conversion_checks import assert_gradients_match, gradients, randomize_vectors, tiny_metaformer
 from fused_poolformer.convert import convert_model
-from test_convert import assert_gradients_match, gradients, randomize_vectors, tiny_metaformer
 
 WORLD_SIZE = 2
 STEPS = 2

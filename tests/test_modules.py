@@ -9,11 +9,8 @@ from timm.layers import DropPath
 from timm.layers.drop import drop_path as timm_drop_path
 from torch import nn
 
-from fused_poolformer.convert import convert_model
-from fused_poolformer.modules import FusedPoolMixer, drop_path_scale
-from test_convert import (
+from conversion_checks import (
     CountFusedOps,
-    OriginalPoolFormer,
     forward_backward,
     gradients,
     randomize_vectors,
@@ -21,6 +18,9 @@ from test_convert import (
     run_and_compare,
     tiny_metaformer,
 )
+from fused_poolformer.convert import convert_model
+from fused_poolformer.modules import FusedPoolMixer, drop_path_scale
+from poolformer_replica import OriginalPoolFormer
 
 
 class UnfusedMixer(nn.Module):
