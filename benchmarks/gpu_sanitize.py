@@ -73,7 +73,8 @@ def run_case(backend: str, device: str, shape, groups: int, pool_size: int, dtyp
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backends", default="all", help="comma-separated fused backends (default: all the device runs)")
+    parser.add_argument("--backends", default="all",
+                        help="comma-separated fused backends (default: every one the device runs)")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():

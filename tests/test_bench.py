@@ -50,7 +50,7 @@ def test_json_has_every_field(quick_run):
     assert {"device", "copy_bandwidth_gbs", "host", "ops", "models", "notes", "git"} <= set(results)
     assert results["copy_bandwidth_gbs"] > 0
     rows = results["ops"]
-    assert {(r["pass"], r["impl"]) for r in rows} == {(p, i) for p in ("fwd", "fwd+bwd") for i in ("eager", "fused-cpu")}
+    assert {(r["pass"], r["impl"]) for r in rows} == {(p, i) for p in costs.PASSES for i in ("eager", "fused-cpu")}
     for r in rows:
         assert OP_FIELDS <= set(r), OP_FIELDS - set(r)
         assert r["shape"] == [2, 8, 6, 6] and r["dtype"] == "fp32" and r["layout"] == "contiguous"
@@ -76,7 +76,8 @@ def test_host_overhead_table(quick_run):
         assert r["vs_group_norm"] == pytest.approx(r["median_us"] / rows[("F.group_norm", r["pass"])]["median_us"])
         assert r["top_level_calls"] <= r["operator_calls"] == sum(r["operator_calls_by_name"].values())
     fused = rows[("fused-cpu", "fwd+bwd")]["operator_calls_by_name"]
-    assert fused.get("fused_poolformer::pool_mixer_forward") == 1 and fused.get("fused_poolformer::pool_mixer_backward") == 1
+    assert fused.get("fused_poolformer::pool_mixer_forward", 0) >= 1  # >1 where autograd redispatches
+    assert fused.get("fused_poolformer::pool_mixer_backward", 0) >= 1
     # The grad_y is given: no loss op (sum, ones_like) is counted.
     assert "aten::sum" not in rows[("F.group_norm", "fwd+bwd")]["operator_calls_by_name"]
     # Cheapest first: the host table is printed before any op row.
@@ -204,7 +205,8 @@ def test_floor_and_prediction_at_the_h200_bandwidth():
     assert costs.predicted_ms(shape, 4, "fwd", bandwidth) == pytest.approx(0.0372098 / 0.8 + 0.006, rel=1e-5)
     # Backward: 5*E*4 bytes at 70 % plus 3 launches.
     backward = 5 * 12_845_056 * 4 / 4142.5e9 * 1e3 / 0.7 + 0.006
-    assert costs.predicted_ms(shape, 4, "fwd+bwd", bandwidth) == pytest.approx(0.0372098 / 0.8 + 0.006 + backward, rel=1e-5)
+    both = costs.predicted_ms(shape, 4, "fwd+bwd", bandwidth)
+    assert both == pytest.approx(0.0372098 / 0.8 + 0.006 + backward, rel=1e-5)
 
 
 # ---------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import argparse
 import datetime
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -123,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an extra op shape (repeatable)")
     g.add_argument("--stages", default=None,
                    help="PoolFormer-S12 stages: comma list of 0-3, 'all' or 'none' (default all; quick CPU: 0,3)")
-    g.add_argument("--dtypes", default=None, help="comma list of fp32,bf16,fp16,fp64 (default: fp32 CPU, fp32,bf16 GPU)")
+    g.add_argument("--dtypes", default=None,
+                   help="comma list of fp32,bf16,fp16,fp64 (default: fp32 CPU, fp32,bf16 GPU)")
     g.add_argument("--layouts", default=None,
                    help="comma list of contiguous,channels_last (default: both; quick CPU: contiguous)")
     g.add_argument("--passes", default="fwd,fwd+bwd", help="comma list of fwd,fwd+bwd")
@@ -249,10 +251,14 @@ def machine(device: str) -> str:
 
 
 def _git_revision() -> Optional[str]:
-    """The checkout's commit (and -dirty), so a recorded run names the kernels it timed."""
+    """The checkout's commit (and -dirty), so a recorded run names the kernels it timed;
+    None for an installed copy outside a checkout."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if not os.path.isfile(os.path.join(root, "setup.py")):
+        return None
     try:
-        done = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=os.path.dirname(os.path.abspath(__file__)),
-                              capture_output=True, text=True, timeout=10)
+        done = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=root, capture_output=True, text=True,
+                              timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return None
     if done.returncode != 0:
@@ -303,7 +309,7 @@ def warm_compile(cfg: Config) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    command = " ".join(["python -m fused_poolformer.bench"] + argv)
+    command = shlex.join(["python", "-m", "fused_poolformer.bench"] + argv)
     if args.gpu_notes:
         notes.write_notes(args.gpu_notes, args.notes_run, args.notes_bandwidth, command)
         print(f"wrote {args.gpu_notes}")

@@ -80,16 +80,18 @@ def _measured_cell(results: dict, shape, dtype: str, pass_: str, floor: float) -
     return " / ".join(cells)
 
 
-def notes_tables(runs: List[Tuple[str, dict]], bandwidth_gbs: float,
+def notes_tables(runs: List[Tuple[str, dict]], bandwidth_gbs: float, bandwidth_source: str,
                  target: costs.KernelTarget = costs.VECTORIZED_CUDA) -> str:
     shapes = [(BATCH, c, h, h) for c, h in STAGE_SHAPES]
-    lines = [f"Copy bandwidth {bandwidth_gbs:.1f} GB/s (read + write), from "
-             f"{runs[0][0] if runs else '--notes-bandwidth'}. Times in µs. Floor = fused bytes (forward 3·E·s, "
-             f"backward 5·E·s) / bandwidth. Measured: fused CUDA op, `graph` = CUDA-graph replay (device only), "
-             f"`loop` = eager loop (host + device); (% of the floor). Predicted: {target.name}: the floor / "
-             f"{target.floor_fraction['fwd']:.0%} forward, / {target.floor_fraction['bwd']:.0%} backward, "
-             f"plus {target.launches['fwd']} + {target.launches['bwd']} launches x {target.launch_us:g} µs.", ""]
-    header = ["shape", "dtype", "pass", "MB moved", "floor µs", f"predicted µs ({target.name})"]
+    lines = [
+        f"Copy bandwidth {bandwidth_gbs:.1f} GB/s (read + write), from {bandwidth_source}. Times in µs. "
+        "Floor = fused bytes (forward 3·E·s, backward 5·E·s) / bandwidth. "
+        "Measured: the fused CUDA op, `graph` = CUDA-graph replay (device only), `loop` = eager loop "
+        "(host + device), with the % of the floor; where a label merges runs, the first file's row. "
+        f"Predicted: {target.name}: the floor / {target.floor_fraction['fwd']:.0%} forward, "
+        f"/ {target.floor_fraction['bwd']:.0%} backward, plus {target.launches['fwd']} + {target.launches['bwd']} "
+        f"launches x {target.launch_us:g} µs.", ""]
+    header = ["shape", "dtype", "pass", "MB moved", "floor µs", f"{target.name}: predicted µs"]
     header += [f"{label}: measured µs" for label, _ in runs]
     lines += ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
     for shape in shapes:
@@ -109,10 +111,13 @@ def write_notes(path: str, run_specs: Sequence[str], bandwidth_gbs: Optional[flo
                 command: str = "") -> str:
     """Writes (or updates between the markers) the notes file; returns its text."""
     runs = load_runs(run_specs)
-    bandwidth = bandwidth_gbs or next((r["copy_bandwidth_gbs"] for _, r in runs if r.get("copy_bandwidth_gbs")), None)
+    recorded = [(r["copy_bandwidth_gbs"], f"the run '{label}' ({r['device']})") for label, r in runs
+                if r.get("copy_bandwidth_gbs")]
+    bandwidth, source = (bandwidth_gbs, "--notes-bandwidth") if bandwidth_gbs else (recorded or [(None, None)])[0]
     if bandwidth is None:
         raise SystemExit("--gpu-notes needs a recorded run (--notes-run) or --notes-bandwidth")
-    generated = "\n".join([BEGIN, "", f"`{command}`" if command else "", "", notes_tables(runs, bandwidth), "", END])
+    generated = "\n".join([BEGIN, "", f"`{command}`" if command else "", "",
+                           notes_tables(runs, bandwidth, source), "", END])
     text = HEADER + "\n" + generated + "\n"
     if os.path.exists(path):
         with open(path) as f:
