@@ -6,7 +6,9 @@ torch.utils.flop_counter), and for the models whose latency is asked for, per la
 (NCHW, channels_last): inference latency, training-step time (AdamW) and its peak memory,
 and the token-mixer branches alone -- every converted block's norm1 -> pool - x -> layer
 scale -> residual, on the input that block receives in the model (the part the conversion
-changes).  One timing method: the variants are timed in groups -- original with converted, then
+changes).
+
+One timing method: the variants are timed in groups -- original with converted, then
 original + torch.compile with converted + torch.compile -- every variant with its own copy
 of the weights; each warms up (bounded; a compiled variant compiles in its first calls,
 timed as ``first_calls_s``), then the group's variants alternate call by call over the
@@ -187,18 +189,20 @@ class ModelBench:
         for model in self.variants.values():
             model.train(train)
 
-    def _warm_up(self, steps: Dict[str, Callable], calls: int = WARMUP_CALLS) -> None:
-        """``calls`` calls of each step; the first is timed (it compiles a compiled variant)."""
+    def _warm_up(self, steps: Dict[str, Callable], calls: int = WARMUP_CALLS, record: bool = True) -> None:
+        """``calls`` calls of each step; the first is timed into ``first_call_s`` when
+        ``record`` (it compiles a compiled variant)."""
         for impl, step in steps.items():
             start = time.perf_counter()
             step()
             timing.synchronize(self.cfg.device)
-            self.first_call_s[impl] += time.perf_counter() - start
+            if record:
+                self.first_call_s[impl] += time.perf_counter() - start
             for _ in range(calls - 1):
                 step()
 
-    def _interleaved(self, steps: Dict[str, Callable], reps: int) -> Dict[str, dict]:
-        self._warm_up(steps)
+    def _interleaved(self, steps: Dict[str, Callable], reps: int, record: bool = True) -> Dict[str, dict]:
+        self._warm_up(steps, record=record)
         times = timing.interleaved_times(steps, reps, self.cfg.device)
         return {impl: _median_ms(t) for impl, t in times.items()}
 
@@ -243,7 +247,8 @@ class ModelBench:
                           for n, x in zip(self.converted_blocks, inputs)],
         }
         reps = 3 * self.cfg.model_reps  # short steps: more repetitions for steadier medians
-        return {mode: self._interleaved({k: mixer_branches_step(v, train, self.amp) for k, v in branches.items()}, reps)
+        return {mode: self._interleaved({k: mixer_branches_step(v, train, self.amp) for k, v in branches.items()},
+                                        reps, record=False)
                 for mode, train in (("forward", False), ("forward_backward", True))}
 
     def run(self) -> Dict[str, dict]:
