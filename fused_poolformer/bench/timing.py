@@ -1,7 +1,8 @@
 """Timers.  Three ways to time an op, so one run separates host from device time:
 
 * :func:`loop_time` -- the **eager loop**: back-to-back calls, each timed (CUDA events
-  around each call on a GPU, blocks of calls on the CPU).  Host and
+  around each call on a GPU, blocks of calls on the CPU; :func:`block_time` times blocks
+  on a GPU too, for microsecond calls).  Host and
   device time together: whichever is larger shows.
 * :func:`graph_time` -- **CUDA-graph replay**: the calls captured once and replayed, so
   no host work is left: device time only (CUDA only; "n/a" with the reason elsewhere).
@@ -59,42 +60,60 @@ def _cuda_event_times(fn: Callable, reps: int) -> List[float]:
     return [begin.elapsed_time(end) / 1e3 for begin, end in events]
 
 
-def _cpu_block_times(fn: Callable, min_run_time: float, min_blocks: int = 5) -> List[float]:
-    """Per-call times of blocks of calls, each block long enough (>= 1 ms or a tenth of
-    min_run_time) that the clock's cost vanishes, until min_run_time and min_blocks."""
-    block_s = min(1e-3, min_run_time / 10)
-    number = 1
-    while True:
+def _block_times(fn: Callable, device: str, min_run_time: float, min_blocks: int = 5) -> List[float]:
+    """Per-call times of blocks of back-to-back calls, each block ending with a device
+    synchronize and long enough (>= 1 ms or a tenth of min_run_time) that the clock's cost
+    vanishes, until min_run_time and min_blocks."""
+    def block(number: int) -> float:
         start = time.perf_counter()
         for _ in range(number):
             fn()
-        if time.perf_counter() - start >= block_s or number >= 1 << 20:
-            break
+        synchronize(device)
+        return time.perf_counter() - start
+
+    block_s = min(1e-3, min_run_time / 10)
+    number = 1
+    while block(number) < block_s and number < 1 << 20:
         number *= 2
     times: List[float] = []
     deadline = time.perf_counter() + min_run_time
     while len(times) < min_blocks or time.perf_counter() < deadline:
-        start = time.perf_counter()
-        for _ in range(number):
-            fn()
-        times.append((time.perf_counter() - start) / number)
+        times.append(block(number) / number)
     return times
 
 
-def loop_time(fn: Callable, device: str, min_run_time: float, warmup: int = 3, threads: Optional[int] = None) -> dict:
-    """Per-call times of ``fn`` in a back-to-back loop (host + device); ``threads``: CPU
-    threads during the measurement (default: torch's)."""
+def _with_threads(threads: Optional[int], measure: Callable[[], dict]) -> dict:
+    """``measure()`` with ``threads`` CPU threads (default: torch's)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads or previous)
     try:
+        return measure()
+    finally:
+        torch.set_num_threads(previous)
+
+
+def loop_time(fn: Callable, device: str, min_run_time: float, warmup: int = 3, threads: Optional[int] = None) -> dict:
+    """Per-call times of ``fn`` in a back-to-back loop (host + device): CUDA events around
+    each call on a GPU, blocks of calls on the CPU."""
+    def measure():
         for _ in range(warmup):
             fn()
         if device == "cuda":
             reps = _reps_for(fn, device, min_run_time, min_reps=10, max_reps=2000)
             return summarize(_cuda_event_times(fn, reps))
-        return summarize(_cpu_block_times(fn, min_run_time))
-    finally:
-        torch.set_num_threads(previous)
+        return summarize(_block_times(fn, device, min_run_time))
+    return _with_threads(threads, measure)
+
+
+def block_time(fn: Callable, device: str, min_run_time: float, warmup: int = 5, threads: Optional[int] = None) -> dict:
+    """Per-call times of blocks of back-to-back calls ending with a synchronize, on any
+    device: the throughput of a short call, host or device bound, with nothing added
+    between calls (for microsecond calls, where even a CUDA event per call would count)."""
+    def measure():
+        for _ in range(warmup):
+            fn()
+        return summarize(_block_times(fn, device, min_run_time))
+    return _with_threads(threads, measure)
 
 
 def graph_time(fn: Callable, calls: int, device: str, min_run_time: float) -> Tuple[Optional[dict], str]:
