@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from .. import ops, reference
+from .. import available_backends, pool_mixer, reference
 from . import costs, timing
 from .inputs import DTYPES, ReferenceMismatch, compare, forward_backward, mixer, mixer_params, random_input
 from .inputs import reference_outputs
@@ -33,7 +33,7 @@ MAX_INPUT_SETS = 64
 def default_fused_impls(device: str) -> List[str]:
     """Every fused backend that runs compiled kernels on ``device`` (Triton on the CPU only
     runs in its interpreter, far too slow to time: ask for it by name)."""
-    fused = [FUSED_IMPLS[b] for b in ops.available_backends(device) if b in FUSED_IMPLS]
+    fused = [FUSED_IMPLS[b] for b in available_backends(device) if b in FUSED_IMPLS]
     return [i for i in fused if not (device == "cpu" and i == "fused-triton")]
 
 
@@ -85,7 +85,7 @@ class Implementations:
         backend = {v: k for k, v in FUSED_IMPLS.items()}.get(impl)
         if backend is None:
             raise ValueError(f"unknown implementation {impl!r}")
-        return lambda *args, **kwargs: ops.pool_mixer(*args, backend=backend, **kwargs)
+        return lambda *args, **kwargs: pool_mixer(*args, backend=backend, **kwargs)
 
 
 def _rotation_sets(case: OpCase, device: str, seed: int, count: Optional[int] = None) -> List[Tuple]:
