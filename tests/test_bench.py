@@ -1,5 +1,7 @@
-"""The benchmark runs end to end in a tiny configuration, writes every documented field,
-and refuses to time an implementation whose output is wrong."""
+"""The benchmark harness: a quick CPU run end to end writes every documented field; the
+host-overhead table; the cost model against hand-derived numbers; the timers; refusing
+to time a wrong implementation; the model rows' alternating timing; the GPU notes; and
+the dry run of benchmarks/gpu_check.sh."""
 
 import json
 import os
@@ -12,11 +14,16 @@ from torch import nn
 
 import fused_poolformer
 from fused_poolformer import bench
+from fused_poolformer.bench import costs, inputs, model_level, notes, op_level, timing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--device", "cpu", "--quick", "--stages", "none", "--shape", "2,8,6,6", "--min-run-time", "0.01", "--no-progress"]
-OP_FIELDS = {"shape", "dtype", "layout", "pass", "impl", "median_ms", "floor_ms", "bytes", "flops",
-             "q25_ms", "q75_ms", "frac_floor", "speedup_vs_eager", "speedup_vs_compile", "checked"}
+TINY = ["--device", "cpu", "--quick", "--stages", "none", "--shape", "2,8,6,6", "--min-run-time", "0.01",
+        "--no-progress", "--threads", "1"]
+OP_FIELDS = {"shape", "dtype", "layout", "pass", "impl", "median_ms", "q25_ms", "q75_ms", "graph_ms", "graph_note",
+             "kernel_ms", "kernel_launches", "kernel_method", "floor_ms", "frac_floor", "frac_floor_graph",
+             "bytes", "flops", "speedup_vs_eager", "speedup_vs_compile", "device_speedup_vs_compile", "checked"}
+HOST_FIELDS = {"impl", "pass", "shape", "median_us", "q25_us", "q75_us", "vs_group_norm", "operator_calls",
+               "top_level_calls", "operator_calls_by_name"}
 MODEL_FIELDS = {"model", "impl", "params_m", "macs_g", "infer_ms", "train_step_ms", "peak_mem_mb", "macs_counter"}
 
 requires_cpu_kernels = pytest.mark.skipif(not fused_poolformer.HAS_CPU_KERNELS, reason="CPU extension not built")
@@ -24,14 +31,14 @@ requires_cpu_kernels = pytest.mark.skipif(not fused_poolformer.HAS_CPU_KERNELS, 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    """`python -m fused_poolformer.bench` as a user runs it: ops without compile, the S12
+    """A quick CPU run as a user starts it: host table, ops without compile, the S12
     model's parameters and MACs (no latency, to stay quick)."""
     out = tmp_path_factory.mktemp("bench")
     paths = {k: str(out / f"bench.{ext}") for k, ext in (("json", "json"), ("markdown", "md"), ("plot", "png"))}
-    cmd = [sys.executable, "-m", "fused_poolformer.bench", *TINY, "--no-compile", "--models", "s12",
-           "--latency-models", "none", "--json", paths["json"], "--markdown", paths["markdown"], "--plot", paths["plot"]]
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    argv = TINY + ["--no-compile", "--models", "s12", "--latency-models", "none", "--json", paths["json"],
+                   "--markdown", paths["markdown"], "--plot", paths["plot"]]
+    done = subprocess.run([sys.executable, "-m", "fused_poolformer.bench", *argv], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, env=dict(os.environ, PYTHONPATH=ROOT))
     assert done.returncode == 0, done.stderr[-3000:]
     with open(paths["json"]) as f:
         return json.load(f), paths, done.stdout
@@ -40,16 +47,18 @@ def quick_run(tmp_path_factory):
 @requires_cpu_kernels
 def test_json_has_every_field(quick_run):
     results, _, _ = quick_run
-    assert {"device", "copy_bandwidth_gbs", "ops", "models", "notes"} <= set(results)
+    assert {"device", "copy_bandwidth_gbs", "host", "ops", "models", "notes", "git"} <= set(results)
     assert results["copy_bandwidth_gbs"] > 0
     rows = results["ops"]
-    assert {(r["pass"], r["impl"]) for r in rows} == {(p, i) for p in ("fwd", "fwd+bwd") for i in ("eager", "fused-cpu")}
+    assert {(r["pass"], r["impl"]) for r in rows} == {(p, i) for p in costs.PASSES for i in ("eager", "fused-cpu")}
     for r in rows:
         assert OP_FIELDS <= set(r), OP_FIELDS - set(r)
         assert r["shape"] == [2, 8, 6, 6] and r["dtype"] == "fp32" and r["layout"] == "contiguous"
         assert r["checked"] is True and 0 <= r["check_error_ratio"] <= 1
         assert r["q25_ms"] <= r["median_ms"] <= r["q75_ms"]
         assert r["frac_floor"] == pytest.approx(r["floor_ms"] / r["median_ms"])
+        assert r["graph_ms"] is None and r["graph_note"].startswith("n/a")  # no CUDA here
+        assert r["kernel_ms"] > 0 and r["kernel_launches"] >= 1
         assert r["speedup_vs_compile"] is None  # --no-compile
     fused = {r["pass"]: r for r in rows if r["impl"] == "fused-cpu"}
     assert fused["fwd"]["bytes"] == 3 * 2 * 8 * 6 * 6 * 4
@@ -57,19 +66,35 @@ def test_json_has_every_field(quick_run):
 
 
 @requires_cpu_kernels
+def test_host_overhead_table(quick_run):
+    results, _, stdout = quick_run
+    rows = {(r["impl"], r["pass"]): r for r in results["host"]}
+    assert set(rows) == {(i, p) for i in ("F.group_norm", "fused-cpu", "unfused graph") for p in ("fwd", "fwd+bwd")}
+    for r in rows.values():
+        assert HOST_FIELDS <= set(r), HOST_FIELDS - set(r)
+        assert r["shape"] == [2, 8, 4, 4] and r["median_us"] > 0
+        assert r["vs_group_norm"] == pytest.approx(r["median_us"] / rows[("F.group_norm", r["pass"])]["median_us"])
+        assert r["top_level_calls"] <= r["operator_calls"] == sum(r["operator_calls_by_name"].values())
+    fused = rows[("fused-cpu", "fwd+bwd")]["operator_calls_by_name"]
+    assert fused.get("fused_poolformer::pool_mixer_forward", 0) >= 1  # >1 where autograd redispatches
+    assert fused.get("fused_poolformer::pool_mixer_backward", 0) >= 1
+    # The grad_y is given: no loss op (sum, ones_like) is counted.
+    assert "aten::sum" not in rows[("F.group_norm", "fwd+bwd")]["operator_calls_by_name"]
+    # Cheapest first: the host table is printed before any op row.
+    assert 0 <= stdout.index("host overhead") < stdout.index("op level")
+
+
+@requires_cpu_kernels
 def test_model_rows_reproduce_the_paper(quick_run):
     results, _, _ = quick_run
     rows = {r["impl"]: r for r in results["models"]}
-    assert "original" in rows
+    assert set(rows) == {"original", "converted"}  # --no-compile; s12 is not in --latency-models
     for r in rows.values():
         assert MODEL_FIELDS <= set(r), MODEL_FIELDS - set(r)
         assert r["model"] == "poolformer_s12"
         assert abs(r["macs_g"] - 1.8) / 1.8 < 0.02 and abs(r["params_m"] - 11.9) < 0.1
-        assert r["infer_ms"] is None  # --latency-models none
-    if "converted" in rows:
-        assert rows["converted"]["macs_g"] == rows["original"]["macs_g"]
-    else:
-        assert any("convert" in n for n in results["notes"])
+        assert r["infer_ms"] is None
+    assert rows["converted"]["macs_g"] == rows["original"]["macs_g"]
 
 
 @requires_cpu_kernels
@@ -77,7 +102,8 @@ def test_reports_are_written(quick_run):
     results, paths, stdout = quick_run
     with open(paths["markdown"]) as f:
         markdown = f.read()
-    assert "## Op level" in markdown and "## Model level" in markdown and "fused-cpu" in markdown
+    for section in ("## Fused vs eager vs torch.compile", "## Host overhead", "## Op level", "## Model level"):
+        assert section in markdown
     with open(paths["plot"], "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert "fused-cpu" in stdout and "poolformer_s12" in stdout
@@ -86,58 +112,247 @@ def test_reports_are_written(quick_run):
 @requires_cpu_kernels
 def test_compile_rows_and_speedups(tmp_path):
     path = str(tmp_path / "compile.json")
-    assert bench.main(TINY + ["--passes", "fwd", "--ops-only", "--json", path]) == 0
+    assert bench.main(TINY + ["--passes", "fwd", "--parts", "ops", "--json", path]) == 0
     with open(path) as f:
         rows = {r["impl"]: r for r in json.load(f)["ops"]}
-    assert set(rows) == {"eager", "compile", "fused-cpu"}
-    assert rows["compile"]["bytes"] is None and rows["compile"]["checked"]
+    assert list(rows) == ["eager", "fused-cpu", "compile"]  # compile last: it compiles first
+    assert rows["compile"]["bytes"] is None and rows["compile"]["checked"] and rows["compile"]["compile_s"] > 0
     for r in rows.values():
         assert r["speedup_vs_compile"] == pytest.approx(rows["compile"]["median_ms"] / r["median_ms"])
         assert r["speedup_vs_eager"] == pytest.approx(rows["eager"]["median_ms"] / r["median_ms"])
 
 
-def _wrong(call):
-    def wrong(x, p):
-        return call(x, p) * 1.001
-    return wrong
-
-
 @requires_cpu_kernels
 @pytest.mark.parametrize("pass_", ["fwd", "fwd+bwd"])
-def test_wrong_output_is_refused(monkeypatch, tmp_path, pass_):
-    right = bench.impl_function
-    monkeypatch.setattr(bench, "impl_function",
-                        lambda impl: _wrong(right(impl)) if impl == "fused-cpu" else right(impl))
+def test_wrong_output_is_refused(monkeypatch, pass_):
+    right = op_level.Implementations.function
+
+    def wrong_fused(self, impl):
+        fn = right(self, impl)
+        return (lambda *a, **k: fn(*a, **k) * 1.001) if impl == "fused-cpu" else fn
+    monkeypatch.setattr(op_level.Implementations, "function", wrong_fused)
     with pytest.raises(bench.ReferenceMismatch, match="fused-cpu: output"):
-        bench.main(TINY + ["--no-compile", "--passes", pass_, "--ops-only"])
+        bench.main(TINY + ["--no-compile", "--passes", pass_, "--parts", "ops"])
 
 
 def test_gradient_is_checked():
     x = torch.randn(2, 4, 5, 5, dtype=torch.float64) + 0.5
     dy = torch.randn_like(x)
-    params = bench._params(4, torch.float64, "cpu", True, seed=0)
-    expected = bench._reference_outputs(x, dy, params, "fwd+bwd")
-    step = bench._step(bench.impl_function("eager"), params, "fwd+bwd")
+    params = inputs.mixer_params(2, 4, torch.float64, "cpu", requires_grad=True)
+    expected = inputs.reference_outputs(x, params, dy, wanted=("y", "x", "weight"))
+    step = op_level.case_step(inputs.mixer(fused_poolformer.reference.pool_mixer), params, "fwd+bwd")
     x.requires_grad_(True)
-    assert bench.check_outputs("eager", step, x, dy, expected, torch.float64) <= 1
-    doubled = lambda x, dy: (lambda y, dx: (y, 2 * dx))(*step(x, dy))
-    with pytest.raises(bench.ReferenceMismatch, match="input gradient"):
-        bench.check_outputs("eager", doubled, x, dy, expected, torch.float64)
+    assert max(inputs.compare("eager", step(x, dy), expected, torch.float64).values()) <= 1
+    doubled = dict(step(x, dy))
+    doubled["x"] = 2 * doubled["x"]
+    with pytest.raises(bench.ReferenceMismatch, match="eager: input gradient"):
+        inputs.compare("eager", doubled, expected, torch.float64)
+    doubled = dict(step(x, dy), weight=2 * step(x, dy)["weight"])
+    with pytest.raises(bench.ReferenceMismatch, match="weight gradient"):
+        inputs.compare("eager", doubled, expected, torch.float64)
 
 
-def test_model_timing_fields():
-    cfg = bench.make_config(bench.build_parser().parse_args(["--device", "cpu", "--quick"]))
-    model = nn.Sequential(nn.Conv2d(3, 4, 8, stride=8), nn.GroupNorm(1, 4), nn.Flatten(), nn.LazyLinear(1000))
-    model(torch.randn(1, 3, 224, 224))  # materialize the lazy layer
-    timing = bench._time_model(model, cfg, bench._PeakMemory("cpu"))
-    assert timing["infer_ms"] > 0 and timing["train_step_ms"] > 0
-    assert timing["images_per_s"] == pytest.approx(cfg.model_batch / (timing["infer_ms"] * 1e-3))
-    assert timing["peak_mem_mb"] is None or timing["peak_mem_mb"] >= 0
+# ---------------------------------------------------------------------------------------
+# The cost model (DESIGN.md section 5), against numbers derived by hand.
+
+SHAPE = (2, 8, 6, 6)
+E = 2 * 8 * 6 * 6
+
+
+@pytest.mark.parametrize("element_size", [4, 2])
+def test_byte_model_is_design_section_5(element_size):
+    assert costs.fused_bytes(SHAPE, element_size, "fwd") == 3 * E * element_size
+    assert costs.fused_bytes(SHAPE, element_size, "fwd+bwd") == (3 + 5) * E * element_size
+    assert costs.eager_bytes(SHAPE, element_size, "fwd") == 13 * E * element_size
+    assert costs.eager_bytes(SHAPE, element_size, "fwd+bwd") == (13 + 20) * E * element_size
+
+
+def test_op_costs_per_implementation():
+    fused = costs.op_costs(SHAPE, 4, "fused-cpu", "fwd")
+    assert fused == costs.op_costs(SHAPE, 4, "fused-triton", "fwd")
+    eager = costs.op_costs(SHAPE, 4, "eager", "fwd+bwd")
+    assert eager == (costs.eager_bytes(SHAPE, 4, "fwd+bwd"), costs.elementwise_flops(SHAPE, "eager", "fwd+bwd"))
+    compiled_bytes, compiled_flops = costs.op_costs(SHAPE, 4, "compile", "fwd")
+    assert compiled_bytes is None  # inductor's traffic is not modelled
+    assert compiled_flops == costs.elementwise_flops(SHAPE, "eager", "fwd")
+
+
+def test_flop_model_fused_does_less_arithmetic():
+    # Per element at k = 3: fused forward 3 + 5 + 1 + 3, backward 6 + 1 + 4 + 5 + 7;
+    # eager forward 5 + 9 + 3, backward 3 + 1 + 10 + 1 + 8 + 1.
+    assert costs.elementwise_flops(SHAPE, "fused", "fwd") == 12 * E
+    assert costs.elementwise_flops(SHAPE, "fused", "fwd+bwd") == (12 + 23) * E
+    assert costs.elementwise_flops(SHAPE, "eager", "fwd") == 17 * E
+    assert costs.elementwise_flops(SHAPE, "eager", "fwd+bwd") == (17 + 24) * E
+    # The dense pool grows with k*k, the separable one with 2k.
+    grow = lambda form: costs.elementwise_flops(SHAPE, form, "fwd", 7) - costs.elementwise_flops(SHAPE, form, "fwd", 3)
+    assert grow("fused") == 8 * E and grow("eager") == 40 * E
+
+
+def test_bad_pass_and_form_are_named():
+    with pytest.raises(ValueError, match="pass"):
+        costs.fused_bytes(SHAPE, 4, "bwd")
+    with pytest.raises(ValueError, match="form"):
+        costs.elementwise_flops(SHAPE, "compiled")
+
+
+def test_floor_and_prediction_at_the_h200_bandwidth():
+    # 64x64x56x56 fp32: E = 12,845,056; forward 3*E*4 = 154,140,672 bytes; at 4142.5 GB/s
+    # that is 37.21 us; the vectorized target is 37.21 / 0.8 + 3 launches x 2 us = 52.51 us.
+    shape, bandwidth = (64, 64, 56, 56), 4142.5
+    assert costs.fused_bytes(shape, 4, "fwd") == 154_140_672
+    assert costs.floor_ms(154_140_672, bandwidth) == pytest.approx(0.0372098, rel=1e-5)
+    assert costs.predicted_ms(shape, 4, "fwd", bandwidth) == pytest.approx(0.0372098 / 0.8 + 0.006, rel=1e-5)
+    # Backward: 5*E*4 bytes at 70 % plus 3 launches.
+    backward = 5 * 12_845_056 * 4 / 4142.5e9 * 1e3 / 0.7 + 0.006
+    both = costs.predicted_ms(shape, 4, "fwd+bwd", bandwidth)
+    assert both == pytest.approx(0.0372098 / 0.8 + 0.006 + backward, rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------
+# Timers.
+
+
+def test_timers_on_the_cpu():
+    a, b = torch.randn(64), torch.randn(64)
+    summary = timing.loop_time(lambda: torch.add(a, b), "cpu", 0.01)
+    assert 0 < summary["min_ms"] <= summary["q25_ms"] <= summary["median_ms"] <= summary["q75_ms"] <= summary["max_ms"]
+    assert summary["reps"] >= 5
+    graph, why = timing.graph_time(lambda: torch.add(a, b), 2, "cpu", 0.01)
+    assert graph is None and why.startswith("n/a")
+    profile = timing.profiler_time(lambda: torch.mul(torch.add(a, b), b), 3, "cpu")
+    assert profile["launches"] == 2 and profile["kernel_ms"] > 0
+    calls = timing.operator_calls(lambda: torch.mul(torch.add(a, b), 2))  # 2 becomes a tensor: nested calls
+    assert calls["by_name"]["aten::add"] == 1 and calls["by_name"]["aten::mul"] == 1
+    assert calls["top_level"] == 2 < calls["total"] == sum(calls["by_name"].values())
+
+
+def test_interleaved_times_alternate():
+    order = []
+    steps = {"original": lambda: order.append("original"), "converted": lambda: order.append("converted")}
+    times = timing.interleaved_times(steps, 3, "cpu")
+    assert order == ["original", "converted"] * 3
+    assert {k: len(v) for k, v in times.items()} == {"original": 3, "converted": 3}
+
+
+# ---------------------------------------------------------------------------------------
+# Model level.
+
+
+def _tiny_config(*extra):
+    return bench.make_config(bench.build_parser().parse_args(
+        ["--device", "cpu", "--quick", "--model-image-size", "16", "--model-reps", "2", *extra]))
+
+
+def test_model_bench_times_a_group_alternating():
+    cfg = _tiny_config()
+    model = nn.Sequential(nn.Conv2d(3, 4, 4, stride=4), nn.GroupNorm(1, 4), nn.Flatten(), nn.Linear(64, 1000))
+    variants = {"original": model, "converted": nn.Sequential(*[m for m in model])}  # the same weights
+    timings = model_level.ModelBench(cfg, variants, [], "contiguous").run()
+    for impl, timing_ in timings.items():
+        assert timing_["infer_ms"] > 0 and timing_["train_step_ms"] > 0 and timing_["first_calls_s"] > 0
+        assert timing_["images_per_s"] == pytest.approx(cfg.model_batch / (timing_["infer_ms"] * 1e-3))
+        assert timing_["peak_mem_mb"] is None or timing_["peak_mem_mb"] >= 0
+        assert timing_["mixer_fwd_ms"] is None  # no converted blocks
+    assert timings["converted"]["max_rel_output_diff"] == 0 and timings["converted"]["output_matches"]
+
+
+@requires_cpu_kernels
+def test_bf16_autocast_model_step():
+    """The converted timm model runs under CPU bf16 autocast (the GPU check's setting)."""
+    pytest.importorskip("timm")
+    cfg = _tiny_config("--model-dtype", "bf16")
+    forms = model_level.ModelForms("poolformer_s12", cfg, fused_poolformer.convert_model)
+    variants = forms.variants(["converted"], "channels_last")
+    assert model_level.ModelBench(cfg, variants, [], "channels_last").warm()["converted"] > 0
+
+
+def test_model_groups_and_speedups():
+    rows = [dict(impl=i, layout="contiguous", infer_ms=ms, train_step_ms=2 * ms)
+            for i, ms in (("original", 4.0), ("converted", 2.0), ("original+compile", 3.0), ("converted+compile", 1.0))]
+    for group in model_level.MODEL_GROUPS:
+        model_level._speedups(rows, "contiguous", list(group))
+    by_impl = {r["impl"]: r for r in rows}
+    assert by_impl["converted"]["train_step_speedup"] == 2.0
+    assert by_impl["converted+compile"]["train_step_speedup"] == 3.0  # over original+compile
+    assert by_impl["converted+compile"]["infer_speedup_vs_original"] == 4.0
+
+
+@requires_cpu_kernels
+def test_warm_compile_ops(capsys):
+    assert bench.main(TINY + ["--warm-compile", "--parts", "ops", "--compile-backend", "aot_eager"]) == 0
+    assert "compiled 2 baselines" in capsys.readouterr().out  # one shape, contiguous (quick CPU), two passes
 
 
 def test_bad_arguments_are_named():
     for argv, word in ((["--shape", "1,2,3"], "--shape"), (["--stages", "7"], "--stages"),
-                       (["--dtypes", "int8"], "--dtypes"), (["--models", "s99"], "--models")):
+                       (["--dtypes", "int8"], "--dtypes"), (["--models", "s99"], "--models"),
+                       (["--model-impls", "fused"], "--model-impls"), (["--parts", "kernels"], "--parts")):
         with pytest.raises(SystemExit) as info:
             bench.make_config(bench.build_parser().parse_args(["--device", "cpu"] + argv))
         assert word in str(info.value) or info.value.code == 2
+
+
+# ---------------------------------------------------------------------------------------
+# GPU notes and the GPU check.
+
+
+def _recorded_run(path, graph_ms=None):
+    row = dict(impl="fused-cuda", shape=[64, 512, 7, 7], dtype="bf16", layout="channels_last", median_ms=0.2)
+    rows = [dict(row, **{"pass": p}, graph_ms=graph_ms) for p in costs.PASSES]
+    with open(path, "w") as f:
+        json.dump({"device": "NVIDIA H200", "copy_bandwidth_gbs": 4000.0, "ops": rows}, f)
+    return str(path)
+
+
+def test_gpu_notes_regenerate_between_markers(tmp_path):
+    old = _recorded_run(tmp_path / "old.json")
+    new = _recorded_run(tmp_path / "new.json", graph_ms=0.004)
+    path = str(tmp_path / "GPU_NOTES.md")
+    notes.write_notes(path, [f"old kernels={old}", f"new kernels={new}"])
+    with open(path) as f:
+        text = f.read()
+    # 64x512x7x7 bf16 forward: 3 * 1,605,632 * 2 bytes = 9.63 MB; at 4000 GB/s 2.4 us.
+    line = next(l for l in text.splitlines() if l.startswith("| 64x512x7x7 | bf16 | fwd |"))
+    assert "| 9.6 | 2.4 |" in line and "CL 200.0 (1%, loop)" in line and "CL 4.0 (60%, graph)" in line
+    assert line.count("NCHW -") == 2  # not measured in that layout
+    assert f"{costs.predicted_ms((64, 512, 7, 7), 2, 'fwd', 4000.0) * 1e3:.1f}" in line
+    assert text.count("| 64x") == 4 * 2 * 2  # shapes x dtypes x passes
+    with open(path, "w") as f:
+        f.write("# GPU notes\n\nHand-written findings.\n\n" + text[text.index(notes.BEGIN):] + "\nMore findings.\n")
+    notes.write_notes(path, [f"old kernels={old}"])
+    with open(path) as f:
+        updated = f.read()
+    assert "Hand-written findings." in updated and "More findings." in updated and "new kernels" not in updated
+
+
+def test_gpu_check_dry_run(tmp_path):
+    """benchmarks/gpu_check.sh --dry-run: every step that needs no GPU, on the CPU."""
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=ROOT)
+    done = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run", "--out", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    summary = done.stdout[done.stdout.index("=== summary"):]
+    assert done.returncode == 0, summary + done.stdout[-5000:]
+    for step in ("env", "build", "tests", "memcheck", "racecheck", "warm", "ops", "models", "notes"):
+        assert any(line.split()[:2] == [step, "OK"] for line in summary.splitlines()), (step, summary)
+    files = os.listdir(out)
+    ops_json = next(f for f in files if f.startswith("cpu-dry-run-") and f.endswith("-ops.json"))
+    with open(out / ops_json) as f:
+        ops = json.load(f)
+    assert ops["host"] and {r["layout"] for r in ops["ops"]} == {"contiguous", "channels_last"}
+    assert {r["impl"] for r in ops["ops"]} >= {"eager", "compile"}
+    with open(out / ops_json.replace("-ops.json", "-models.json")) as f:
+        models = json.load(f)
+    assert {r["impl"] for r in models["models"]} == set(model_level.MODEL_IMPLS)
+    assert "GPU_NOTES.md" in files and any(f.endswith("-gpu_check.log") for f in files)
+
+
+def test_gpu_check_arguments():
+    run = lambda *args: subprocess.run(["bash", "benchmarks/gpu_check.sh", *args], cwd=ROOT, capture_output=True,
+                                       text=True, timeout=60)
+    shown = run("--help")
+    assert shown.returncode == 0 and "--dry-run" in shown.stdout
+    for args in (["--frobnicate"], ["--budget", "soon"]):
+        refused = run(*args)
+        assert refused.returncode == 2 and args[0] in refused.stderr

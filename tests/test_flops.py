@@ -1,5 +1,6 @@
-"""The byte/FLOP model (DESIGN.md section 5) and the MAC-counter integration of the fused op:
-torch.utils.flop_counter and fvcore must count a fused model exactly as the unfused one."""
+"""The MAC-counter integration of the fused op: torch.utils.flop_counter and fvcore must
+count a fused model exactly as the unfused one.  (The op's byte/FLOP cost model is tested
+with the benchmarks, in test_bench.py.)"""
 
 import importlib.util
 
@@ -15,41 +16,6 @@ E = 2 * 8 * 6 * 6
 
 requires_cpu_kernels = pytest.mark.skipif(not fused_poolformer.HAS_CPU_KERNELS, reason="CPU extension not built")
 requires_fvcore = pytest.mark.skipif(importlib.util.find_spec("fvcore") is None, reason="fvcore is not installed")
-
-
-@pytest.mark.parametrize("element_size", [4, 2])
-def test_byte_model_is_design_section_5(element_size):
-    assert flops.fused_bytes(SHAPE, element_size, "fwd") == 3 * E * element_size
-    assert flops.fused_bytes(SHAPE, element_size, "fwd+bwd") == (3 + 5) * E * element_size
-    assert flops.eager_bytes(SHAPE, element_size, "fwd") == 13 * E * element_size
-    assert flops.eager_bytes(SHAPE, element_size, "fwd+bwd") == (13 + 20) * E * element_size
-
-
-def test_op_costs_per_implementation():
-    fused = flops.op_costs(SHAPE, 4, "fused-cpu", "fwd")
-    assert fused == flops.op_costs(SHAPE, 4, "fused-triton", "fwd")
-    eager = flops.op_costs(SHAPE, 4, "eager", "fwd+bwd")
-    assert eager == (flops.eager_bytes(SHAPE, 4, "fwd+bwd"), flops.elementwise_flops(SHAPE, "eager", "fwd+bwd"))
-    compiled_bytes, compiled_flops = flops.op_costs(SHAPE, 4, "compile", "fwd")
-    assert compiled_bytes is None  # inductor's traffic is not modelled
-    assert compiled_flops == flops.elementwise_flops(SHAPE, "eager", "fwd")
-
-
-def test_flop_model_fused_does_less_arithmetic():
-    for pass_ in flops.PASSES:
-        fused = flops.elementwise_flops(SHAPE, "fused", pass_)
-        eager = flops.elementwise_flops(SHAPE, "eager", pass_)
-        assert 0 < fused < eager and fused % E == 0 and eager % E == 0
-    # The dense pool grows with k*k, the separable one with 2k.
-    grow = lambda form: flops.elementwise_flops(SHAPE, form, "fwd", 7) - flops.elementwise_flops(SHAPE, form, "fwd", 3)
-    assert grow("fused") == 8 * E and grow("eager") == 40 * E
-
-
-def test_bad_pass_and_form_are_named():
-    with pytest.raises(ValueError, match="pass"):
-        flops.fused_bytes(SHAPE, 4, "bwd")
-    with pytest.raises(ValueError, match="form"):
-        flops.elementwise_flops(SHAPE, "compiled")
 
 
 class ToyBlock(nn.Module):
