@@ -191,7 +191,7 @@ def compare_nonfinite(x, kw, grad_y, backend, pattern):
         assert pattern(actual, expected), name
         finite = expected.isfinite()
         assert_close_to(actual.cpu()[finite], expected[finite], torch.float32)
-    # The bias cancels out of y (DESIGN.md section 2): its gradient is zero by construction,
+    # The bias cancels out of y (docs/math.md): its gradient is zero by construction,
     # whatever grad_y holds (the unfused graph gets 0 * Inf = NaN where grad_y is not finite).
     assert torch.count_nonzero(grads["bias"]) == 0
     # Sample 1 and group 1 of sample 0 never see the bad values.
