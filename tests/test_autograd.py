@@ -12,8 +12,8 @@ from torch.autograd import gradcheck, gradgradcheck
 
 import fused_poolformer as fp
 from fused_poolformer import ops
-from helpers import (CPP_BACKENDS, CPU_KERNELS, DIFFERENTIABLE, FUSED, FUSED_OR_INTERPRETED, OPTION_NAMES, backend_params, call,
-                     make_inputs, opcheck_forward_and_backward, with_backend)
+from helpers import (CPP_BACKENDS, CPU_KERNELS, DIFFERENTIABLE, FUSED, FUSED_OR_INTERPRETED, OPTION_NAMES,
+                     backend_params, call, make_inputs, opcheck_forward_and_backward, with_backend)
 
 CL = pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 

@@ -11,7 +11,8 @@ import itertools
 import pytest
 import torch
 
-from helpers import DIFFERENTIABLE, FUSED, OPTION_NAMES, check_forward_backward, forward_backward, make_inputs, with_backend
+from helpers import (DIFFERENTIABLE, FUSED, OPTION_NAMES, check_forward_backward, forward_backward, make_inputs,
+                     with_backend)
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 CL = pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])

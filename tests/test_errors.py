@@ -227,7 +227,8 @@ def public_cases(device="cpu"):
             (f"{name}_float64", x, {name: v(4, torch.float64)}, TypeError, f"{name} has dtype torch.float64"),
         ]
     for groups in (0, -1, True, 2.0, "2"):
-        cases.append((f"num_groups_{groups!r}", x, dict(num_groups=groups), ValueError, "num_groups must be an integer >= 1"))
+        cases.append((f"num_groups_{groups!r}", x, dict(num_groups=groups), ValueError,
+                      "num_groups must be an integer >= 1"))
     for k in (4, 2, 0, -1, -3, True, 3.0):
         cases.append((f"pool_size_{k!r}", x, dict(pool_size=k), ValueError, "pool_size must be a positive odd integer"))
     for eps in (0, 0.0, -1e-5, math.inf, math.nan, True, "1e-5", None):
