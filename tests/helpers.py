@@ -211,7 +211,8 @@ def check_forward_backward(backend, x, kw, seed=0, **opts):
     values, dtypes, y in x's memory format; the bias gradient exactly zero (the bias cancels
     out of y, docs/math.md; the unfused graph's own is rounding noise, so not compared)."""
     dtype = x.dtype
-    grad_y = random_like(x, seed + 1)
+    # In x's layout, as the next layer of a network sends it (test_properties mixes layouts).
+    grad_y = random_like(x, seed + 1).contiguous(memory_format=contract.dense_format(x))
     y, grads = forward_backward(with_backend(backend), x, kw, grad_y, **opts)
     y_ref, grads_ref = reference_forward_backward(x, kw, grad_y, **opts)
     assert y.device == x.device and y.dtype == dtype and y.shape == x.shape
