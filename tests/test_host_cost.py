@@ -14,10 +14,8 @@ import pytest
 import torch
 
 import fused_poolformer as fp
-from conftest import ROOT
-from hardening_utils import fused_backends
+from helpers import ROOT, requires_cpu_kernels
 
-requires_cpu_kernels = pytest.mark.skipif("cpu" not in fused_backends("cpu"), reason="the CPU kernels were not built")
 ATEN_CALL_BUDGET = 12  # per forward+backward (issue 10; it was 133)
 
 
