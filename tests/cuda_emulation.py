@@ -102,6 +102,9 @@ def library():
                 fn = getattr(lib, name)
                 fn.argtypes = [ctypes.POINTER(EmuCall), ctypes.c_char_p, _i64]
                 fn.restype = ctypes.c_int
+            plan = getattr(lib, f"fpm_emu_plan_{code}")
+            plan.argtypes = [ctypes.POINTER(EmuCall), _i64, ctypes.POINTER(_i64), ctypes.c_char_p, _i64]
+            plan.restype = ctypes.c_int
         _LIBRARY = lib
     return _LIBRARY
 
@@ -199,6 +202,30 @@ def backward(grad_y, x, mean, rstd, kw, num_groups=1, pool_size=3, eps=1e-5, wan
             call.grad_bytes[i] = _bytes(g)
     _run(getattr(library(), f"fpm_emu_backward_{call.dtype}"), call, (x, grad_y, mean, rstd, kw, grad_x, grads))
     return grad_x, grads, counters(call)
+
+
+TILE_PLAN_FIELDS = ("TC", "TH", "TW", "halo_rows", "halo_cols", "blocks", "smem_bytes", "staged_bytes",
+                    "stage_vectorized", "store_vectorized", "stage_kind")
+STATS_PLAN_FIELDS = ("chunk", "blocks_per_group", "blocks", "vectorized")
+
+
+def plan(shape, dtype, channels_last, mode, num_groups=1, pool_size=3, device=H200):
+    """The launch geometry the CUDA launcher picks for a shape: mode "apply", "sums", "dx"
+    (tile kernels) or "stats".  No tensors are touched."""
+    n, c, h, w = shape
+    call = EmuCall()
+    call.dtype = DTYPE_CODES[dtype]
+    call.N, call.C, call.H, call.W, call.G = n, c, h, w, num_groups
+    call.pool_size, call.channels_last = pool_size, int(channels_last)
+    call.multiprocessors = device["multiprocessors"]
+    call.shared_bytes_optin = device["shared_bytes_optin"]
+    code = {"apply": 0, "sums": 1, "dx": 2, "stats": 3}[mode]
+    out = (_i64 * 16)()
+    error = ctypes.create_string_buffer(4096)
+    if getattr(library(), f"fpm_emu_plan_{call.dtype}")(ctypes.byref(call), code, out, error, len(error)) != 0:
+        raise EmulatorError(error.value.decode())
+    fields = STATS_PLAN_FIELDS if mode == "stats" else TILE_PLAN_FIELDS
+    return dict(zip(fields, out[:len(fields)]))
 
 
 def counters(call):

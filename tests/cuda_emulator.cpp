@@ -182,6 +182,34 @@ extern "C" int FPM_EMU_CAT(fpm_emu_forward_, FPM_EMU_DTYPE)(FpmEmuCall* call, ch
   }
 }
 
+// The launch geometry the CUDA launcher would choose: for mode 0..2 (apply, sums, dx)
+// out = [TC, TH, TW, hh, hw, blocks, smem_bytes, staged_bytes, stage_x vectorized,
+//        store_out vectorized, stage kind], for mode 3 (statistics) out = [chunk,
+//        blocks_per_group, blocks, vectorized].
+extern "C" int FPM_EMU_CAT(fpm_emu_plan_, FPM_EMU_DTYPE)(FpmEmuCall* call, int64_t mode, int64_t* out,
+                                                      char* error, int64_t error_len) {
+  try {
+    using acc_t = std::conditional_t<std::is_same_v<Scalar, double>, double, float>;
+    const Call c(*call);
+    const fpm::MixerShape s = shape_of(*call);
+    if (mode == 3) {
+      const ck::StatsPlan p = ck::plan_statistics(s, sizeof(Scalar), c.limits);
+      const int64_t v[] = {p.chunk, p.blocks_per_group, p.blocks, p.runs.vector};
+      std::copy(std::begin(v), std::end(v), out);
+      return 0;
+    }
+    const ck::TilePlan p = ck::plan_tiles(s, sizeof(Scalar), sizeof(acc_t), static_cast<int>(mode),
+                                          ck::kTileBlocksPerSM<Scalar>, c.limits);
+    const int64_t v[] = {p.TC, p.TH, p.TW, p.hh, p.hw, p.blocks, p.smem_bytes,
+                         ck::staged_bytes(p, sizeof(Scalar)), p.stage_x.vector, p.store_out.vector,
+                         p.stage_x.kind};
+    std::copy(std::begin(v), std::end(v), out);
+    return 0;
+  } catch (const std::exception& e) {
+    return report_error(e, error, error_len);
+  }
+}
+
 extern "C" int FPM_EMU_CAT(fpm_emu_backward_, FPM_EMU_DTYPE)(FpmEmuCall* call, char* error, int64_t error_len) {
   try {
     backward<Scalar>(*call);

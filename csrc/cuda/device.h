@@ -28,6 +28,8 @@ inline DeviceLimits device_limits(int device) {
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&limits.multiprocessors, cudaDevAttrMultiProcessorCount, device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&limits.shared_bytes_optin,
                                         cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limits.shared_bytes_per_sm,
+                                        cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
   cache.emplace(device, limits);
   return limits;
 }

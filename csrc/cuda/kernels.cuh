@@ -277,7 +277,7 @@ inline size_t stats_smem_bytes() {
 }
 
 template <typename scalar_t, typename acc_t>
-FPM_KERNEL stats_kernel(const scalar_t* __restrict__ x, const StatsPlan p,
+FPM_KERNEL(4) stats_kernel(const scalar_t* __restrict__ x, const StatsPlan p,
                         WelfordData<acc_t>* __restrict__ partials) {
   constexpr int V = kVec<scalar_t>;
   const unsigned block = simt::block_index();
@@ -760,7 +760,7 @@ FPM_DEVICE void reduce_products(const TilePlan& p, const Tile& t, const TileArgs
 }
 
 template <typename scalar_t, typename acc_t, bool kCL, bool kR1, int kMode>
-FPM_KERNEL tile_kernel(const TilePlan p, const TileArgs<scalar_t, acc_t> a) {
+FPM_KERNEL(kTileBlocksPerSM<scalar_t>) tile_kernel(const TilePlan p, const TileArgs<scalar_t, acc_t> a) {
   const Tile t = locate_tile<kCL>(p);
   const TileSmem<acc_t> s = carve_tile_smem<acc_t, kMode>(p);
   const int64_t base = t.n * p.sample_numel;
@@ -828,7 +828,7 @@ inline FoldPlan plan_fold(const MixerShape& s, int slots) {
 }
 
 template <typename scalar_t, typename acc_t>
-FPM_KERNEL fold_kernel(const FoldPlan f, const acc_t* __restrict__ partial_d,
+FPM_KERNEL(4) fold_kernel(const FoldPlan f, const acc_t* __restrict__ partial_d,
                        const acc_t* __restrict__ partial_x, const acc_t* __restrict__ rstd,
                        const MixerParams params, const ParamGrads grads, acc_t* __restrict__ s_ng) {
   const int64_t group_blocks = f.N * f.G;

@@ -52,9 +52,8 @@ template <typename scalar_t, typename acc_t, typename Allocate>
 void run_forward_kernels(const ForwardCall<scalar_t, acc_t>& call, const DeviceLimits& dev, simt::Stream stream,
                  Allocate&& allocate) {
   const MixerShape& s = call.shape;
-  check_sample_size(s);
   const StatsPlan stats = plan_statistics(s, sizeof(scalar_t), dev);
-  const TilePlan tiles = plan_tiles(s, sizeof(scalar_t), sizeof(acc_t), kApply, dev);
+  const TilePlan tiles = plan_tiles(s, sizeof(scalar_t), sizeof(acc_t), kApply, kTileBlocksPerSM<scalar_t>, dev);
   auto* partials = static_cast<WelfordData<acc_t>*>(
       allocate(sizeof(WelfordData<acc_t>) * static_cast<size_t>(stats.groups * stats.blocks_per_group)));
   simt::launch(&stats_kernel<scalar_t, acc_t>, stats.blocks, stats_smem_bytes<acc_t>(), stream, call.x,
@@ -76,9 +75,7 @@ void run_backward_kernels(const BackwardCall<scalar_t, acc_t>& call, const Devic
                   Allocate&& allocate) {
   const MixerShape& s = call.shape;
   if (call.grad_x == nullptr && !call.grads.any()) return;
-  check_sample_size(s);
-  const TilePlan sums = plan_tiles(s, sizeof(scalar_t), sizeof(acc_t), kSums, dev);
-  const TilePlan dx = plan_tiles(s, sizeof(scalar_t), sizeof(acc_t), kDx, dev);
+  const TilePlan sums = plan_tiles(s, sizeof(scalar_t), sizeof(acc_t), kSums, kTileBlocksPerSM<scalar_t>, dev);
   const FoldPlan fold = plan_fold(s, sums.slots);
   // One workspace: partial sums of D * dy and of x * dy per (n, c, slot), then S[n, g].
   const size_t partial_numel = static_cast<size_t>(s.N * s.C * sums.slots);
@@ -97,6 +94,7 @@ void run_backward_kernels(const BackwardCall<scalar_t, acc_t>& call, const Devic
                static_cast<const acc_t*>(partial_d), static_cast<const acc_t*>(partial_x), call.rstd,
                call.params, call.grads, s_ng);
   if (call.grad_x == nullptr) return;
+  const TilePlan dx = plan_tiles(s, sizeof(scalar_t), sizeof(acc_t), kDx, kTileBlocksPerSM<scalar_t>, dev);
   a.out = call.grad_x;
   a.mean = call.mean;
   a.rstd = call.rstd;

@@ -27,8 +27,14 @@ using simt::kThreads;
 struct DeviceLimits {
   int multiprocessors = 132;
   int shared_bytes_optin = 227 * 1024;  // the per-block opt-in maximum
+  int shared_bytes_per_sm = 228 * 1024;
 };
-constexpr int kDefaultSharedBytes = 48 * 1024;
+
+// Blocks of kThreads per multiprocessor the kernels' register budget allows (their
+// __launch_bounds__): 64 registers per thread, 80 for the half types' tile kernels.
+template <typename scalar_t>
+constexpr int kTileBlocksPerSM = sizeof(scalar_t) == 2 ? 3 : 4;
+constexpr int kMaxBlocksPerSM = 2048 / kThreads;
 
 enum TileMode : int { kApply = 0, kSums = 1, kDx = 2 };
 
@@ -105,8 +111,11 @@ inline RunGrid make_run_grid(int bo, int bm, int bi, int eo, int em, int ei, con
   g.vector = vec > 1 && (g.RA == 1 || g.glob_a % vec == 0) && (g.RB == 1 || g.glob_b % vec == 0);
   const int v = g.vector ? vec : 1;
   g.S = (g.L + 2 * v - 2) / v;
-  g.div_slots = FastDivmod(g.S), g.div_rb = FastDivmod(g.RB), g.div_row = FastDivmod(g.row_len);
   return g;
+}
+
+inline void finish_run_grid(RunGrid& g) {
+  g.div_slots = FastDivmod(g.S), g.div_rb = FastDivmod(g.RB), g.div_row = FastDivmod(g.row_len);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -126,7 +135,18 @@ struct StatsPlan {
   unsigned blocks = 0;
 };
 
+// Inputs whose samples have 2^31 or more elements are outside the kernels' 32-bit offsets.
+inline void check_sample_size(const MixerShape& s) {
+  const int64_t sample = s.C * s.H * s.W;
+  if (sample >= (int64_t(1) << 31)) {
+    plan_error("one sample of x has C*H*W = " + std::to_string(sample) +
+               " elements; the CUDA kernels support fewer than 2**31 per sample "
+               "(use backend='cpu' or 'reference')");
+  }
+}
+
 inline StatsPlan plan_statistics(const MixerShape& s, int scalar_size, const DeviceLimits& dev) {
+  check_sample_size(s);
   StatsPlan p;
   const int vec = 16 / scalar_size;
   p.G = static_cast<int>(s.G), p.Cg = static_cast<int>(s.Cg);
@@ -152,6 +172,7 @@ inline StatsPlan plan_statistics(const MixerShape& s, int scalar_size, const Dev
     SmemBox unused;
     p.runs = make_run_grid(0, 0, 0, 1, 1, p.chunk, d, unused, vec);
   }
+  finish_run_grid(p.runs);
   const int64_t blocks = p.groups * p.blocks_per_group;
   if (blocks > INT32_MAX) plan_error("input too large for one grid (" + std::to_string(blocks) + " blocks)");
   p.blocks = static_cast<unsigned>(blocks);
@@ -250,10 +271,6 @@ inline int64_t layout_tiles(TilePlan& p, const TileShape& t, int scalar_size, in
   p.store_out = make_run_grid(0, 0, 0, out_o, out_m, out_i, p.dims,
                               p.mode == kApply ? p.xbox : p.bbox, vec);
   p.rows_table = rows_in;
-  p.div_v_rows_m = FastDivmod(p.v_rows_m), p.div_v_segs = FastDivmod(p.v_segs);
-  p.div_o_rows_m = FastDivmod(p.o_rows_m), p.div_o_segs = FastDivmod(p.o_segs);
-  p.div_tiles_w = FastDivmod(p.tiles_w), p.div_tiles_h = FastDivmod(p.tiles_h);
-  p.div_tiles_c = FastDivmod(p.tiles_c);
   p.slots = p.tiles_h * p.tiles_w;
   // Shared memory, in the order tile_smem carves it (each array rounded to 16 bytes).
   auto bytes = [&](int64_t elems) { return (elems * acc_size + 15) / 16 * 16; };
@@ -278,8 +295,10 @@ inline TileShape choose_tile(const TilePlan& p, int target, int scalar_size, int
     const int run = 128 / scalar_size;  // channels per tile: one 128-byte line per position
     t.TC = p.C <= run ? p.C : even_split(p.C, run);
     const int positions = std::max(1, target / t.TC);
-    if (positions >= p.H * p.W) {
+    if (positions >= p.H * p.W) {  // whole planes: as many 128-byte channel vectors as fit
       t.TH = p.H, t.TW = p.W;
+      const int vectors = std::max(1, target / (p.H * p.W) / run);
+      if (t.TC < p.C) t.TC = even_split(p.C, std::min(p.C, vectors * run));
     } else {
       const int side = std::max(1, static_cast<int>(std::sqrt(static_cast<double>(positions))));
       t.TW = even_split(p.W, std::min(side, p.W));
@@ -290,8 +309,36 @@ inline TileShape choose_tile(const TilePlan& p, int target, int scalar_size, int
   return t;
 }
 
+// The multiply-shift dividers of a chosen plan.
+inline void finish_tile_plan(TilePlan& p) {
+  p.div_v_rows_m = FastDivmod(p.v_rows_m), p.div_v_segs = FastDivmod(p.v_segs);
+  p.div_o_rows_m = FastDivmod(p.o_rows_m), p.div_o_segs = FastDivmod(p.o_segs);
+  p.div_tiles_w = FastDivmod(p.tiles_w), p.div_tiles_h = FastDivmod(p.tiles_h);
+  p.div_tiles_c = FastDivmod(p.tiles_c);
+  finish_run_grid(p.stage_x), finish_run_grid(p.stage_b), finish_run_grid(p.store_out);
+}
+
+// Bytes a block reads from global memory in its staging phase (halo included).
+inline int64_t staged_bytes(const TilePlan& p, int scalar_size) {
+  int64_t elems = int64_t(p.stage_x.eo) * p.stage_x.em * p.stage_x.ei;
+  if (p.mode != kApply) elems += int64_t(p.stage_b.eo) * p.stage_b.em * p.stage_b.ei;
+  return elems * scalar_size;
+}
+
+// The part of them that is not halo (read again by the neighbouring tiles).
+inline int64_t useful_bytes(const TilePlan& p, int scalar_size) {
+  return int64_t(p.TC) * p.TH * p.TW * scalar_size * (p.mode == kApply ? 1 : 2);
+}
+
+// Picks the tile size.  A block issues its whole input as 16-byte loads (up to 4 per thread
+// at once) before it computes, so the bytes in flight on a multiprocessor are about
+// (resident blocks) x (a block's input), of which the halo is overhead: the plan maximises
+// (resident blocks) x (a block's input without halo), where resident blocks are limited by
+// registers (blocks_per_sm), shared memory and the grid itself.  Grids with fewer blocks
+// than multiprocessors are avoided while a smaller tile can fill the device.
 inline TilePlan plan_tiles(const MixerShape& s, int scalar_size, int acc_size, int mode,
-                           const DeviceLimits& dev) {
+                           int blocks_per_sm, const DeviceLimits& dev) {
+  check_sample_size(s);
   TilePlan p;
   p.N = s.N, p.C = static_cast<int>(s.C), p.H = static_cast<int>(s.H), p.W = static_cast<int>(s.W);
   p.G = static_cast<int>(s.G), p.Cg = static_cast<int>(s.Cg);
@@ -302,46 +349,45 @@ inline TilePlan plan_tiles(const MixerShape& s, int scalar_size, int acc_size, i
   p.mode = mode;
   p.channels_last = s.channels_last;
   const int vec = 16 / scalar_size;
-  const int initial = kThreads * (p.channels_last ? 4 : 2) * vec;
+  const int largest = kThreads * 4 * vec;  // 16 KB of input: four 16-byte loads per thread
   // Rows that do not fit a tile even alone (or are very wide) are split.
-  bool split_rows = !p.channels_last && p.W > 2 * initial;
+  bool split_rows = !p.channels_last && p.W > 2 * largest;
   if (!split_rows && !p.channels_last) {
     TilePlan probe = p;
     if (layout_tiles(probe, TileShape{1, 1, p.W}, scalar_size, acc_size) > dev.shared_bytes_optin) {
       split_rows = true;
     }
   }
-  // The largest tile (from `initial` outputs down) within the default 48 KB that still gives
-  // every multiprocessor two blocks; else the largest within the device's opt-in limit.
-  TilePlan best_optin;
-  bool have_optin = false;
-  for (int target = initial; target >= 1; target /= 2) {
+  TilePlan best;
+  double best_score = -1;
+  bool best_fills = false;
+  for (int target = largest; target >= 1; target /= 2) {
     TilePlan q = p;
     const int64_t bytes = layout_tiles(q, choose_tile(q, target, scalar_size, acc_size, split_rows),
                                        scalar_size, acc_size);
+    if (bytes > dev.shared_bytes_optin) continue;
     const int64_t blocks = s.N * q.tiles_c * q.tiles_h * q.tiles_w;
-    q.smem_bytes = static_cast<int>(std::min<int64_t>(bytes, INT32_MAX));
     if (blocks > INT32_MAX) plan_error("input too large for one grid (" + std::to_string(blocks) + " tiles)");
+    q.smem_bytes = static_cast<int>(bytes);
     q.blocks = static_cast<unsigned>(blocks);
-    const int64_t default_limit = std::min(kDefaultSharedBytes, dev.shared_bytes_optin);
-    if (bytes <= default_limit && (blocks >= 2 * dev.multiprocessors || target <= 512)) return q;
-    if (!have_optin && bytes <= dev.shared_bytes_optin) best_optin = q, have_optin = true;
+    const int64_t resident = std::min<int64_t>(
+        {blocks_per_sm, kMaxBlocksPerSM, dev.shared_bytes_per_sm / (bytes + 1024)});
+    const double score = static_cast<double>(std::min<int64_t>(blocks, resident * dev.multiprocessors)) *
+                         static_cast<double>(useful_bytes(q, scalar_size));
+    const bool fills = blocks >= dev.multiprocessors;
+    const bool better = best_score < 0 || (fills && !best_fills) ||
+                        (fills == best_fills && (fills ? score > 1.05 * best_score : blocks > best.blocks));
+    if (better) best = q, best_score = score, best_fills = fills;
   }
-  if (have_optin) return best_optin;
-  plan_error("pool_size " + std::to_string(2 * s.radius + 1) + " on a " + std::to_string(s.H) +
-             "x" + std::to_string(s.W) + " plane needs more shared memory than the device has; "
-             "use backend='cpu' or 'reference'");
+  if (best_score < 0) {
+    plan_error("pool_size " + std::to_string(2 * s.radius + 1) + " on a " + std::to_string(s.H) +
+               "x" + std::to_string(s.W) + " plane needs more shared memory than the device has; "
+               "use backend='cpu' or 'reference'");
+  }
+  finish_tile_plan(best);
+  return best;
 }
 
-// Inputs whose samples have 2^31 or more elements are outside the kernels' 32-bit offsets.
-inline void check_sample_size(const MixerShape& s) {
-  const int64_t sample = s.C * s.H * s.W;
-  if (sample >= (int64_t(1) << 31)) {
-    plan_error("one sample of x has C*H*W = " + std::to_string(sample) +
-               " elements; the CUDA kernels support fewer than 2**31 per sample "
-               "(use backend='cpu' or 'reference')");
-  }
-}
 
 }  // namespace cuda_kernels
 }  // namespace fused_poolformer

@@ -21,14 +21,18 @@
 #if defined(__CUDACC__)
 #include <c10/cuda/CUDAException.h>
 #include <cuda_runtime.h>
+
+#include <map>
+#include <mutex>
 #define FPM_DEVICE __device__ __forceinline__
 #define FPM_HD __host__ __device__ __forceinline__
-#define FPM_KERNEL __global__ void __launch_bounds__(::fused_poolformer::simt::kThreads)
+// kMinBlocks: blocks per multiprocessor the register budget must allow (plan.h assumes it).
+#define FPM_KERNEL(kMinBlocks) __global__ void __launch_bounds__(::fused_poolformer::simt::kThreads, kMinBlocks)
 #else
 #define FPM_SIMT_EMULATE 1
 #define FPM_DEVICE inline
 #define FPM_HD inline
-#define FPM_KERNEL void
+#define FPM_KERNEL(kMinBlocks) void
 #endif
 
 namespace fused_poolformer {
@@ -53,8 +57,7 @@ struct FastDivmod {
 
   FastDivmod() = default;
   explicit FastDivmod(uint32_t d) : divisor(d) {
-    shift = 0;
-    while ((uint64_t(1) << shift) < d) ++shift;
+    shift = d <= 1 ? 0 : 32 - static_cast<uint32_t>(__builtin_clz(d - 1));  // 2^shift >= d
     multiplier = static_cast<uint32_t>(((uint64_t(1) << 32) * ((uint64_t(1) << shift) - d)) / d + 1);
   }
   FPM_HD uint32_t div(uint32_t n) const {
@@ -131,14 +134,25 @@ FPM_DEVICE void store_global_vector(T* p, const Pack<T, V>& value) {
   *reinterpret_cast<Raw*>(p) = raw;
 }
 
+// Raises a kernel's dynamic shared-memory limit on the current device (once per size).
+inline void allow_shared_bytes(const void* kernel, size_t bytes) {
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, size_t> allowed;
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  std::lock_guard<std::mutex> lock(mutex);
+  size_t& current = allowed[{kernel, device}];
+  if (current >= bytes) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(bytes)));
+  current = bytes;
+}
+
 // Launches kernel<<<grid, kThreads, smem_bytes, stream>>>(args...).
 template <typename... KernelArgs, typename... Args>
 inline void launch(void (*kernel)(KernelArgs...), unsigned grid, size_t smem_bytes, Stream stream,
                    Args&&... args) {
-  if (smem_bytes > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(smem_bytes)));
-  }
+  if (smem_bytes > 48 * 1024) allow_shared_bytes(reinterpret_cast<const void*>(kernel), smem_bytes);
   kernel<<<grid, kThreads, smem_bytes, stream>>>(std::forward<Args>(args)...);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
