@@ -8,6 +8,8 @@
 //
 // FPM_EMU_DTYPE (0..3) selects the one dtype this translation unit instantiates, so the
 // test can compile the four in parallel; the library links them together.
+#define FPM_SIMT_EMULATE 1
+
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -95,14 +97,19 @@ struct Call {
       session.add(c.grad_data[i], c.grad_bytes[i], true, "parameter gradient");
     }
   }
-  void report(FpmEmuCall& c, size_t bytes) const {
+  size_t workspace_bytes = 0;
+
+  void report(FpmEmuCall& c) const {
     c.launches = session.launches;
     c.allocations = static_cast<int64_t>(workspaces.size());
-    c.workspace_bytes = static_cast<int64_t>(bytes);
+    c.workspace_bytes = static_cast<int64_t>(workspace_bytes);
     c.wide_loads = session.wide_loads, c.narrow_loads = session.narrow_loads;
     c.wide_stores = session.wide_stores, c.narrow_stores = session.narrow_stores;
   }
+  static void* allocate(void* self, size_t bytes) { return static_cast<Call*>(self)->allocate(bytes); }
+  ck::WorkspaceAllocator allocator() { return ck::WorkspaceAllocator{&Call::allocate, this}; }
   void* allocate(size_t bytes) {
+    workspace_bytes += bytes;
     workspaces.emplace_back((bytes + sizeof(double) - 1) / sizeof(double) + 2);
     auto& w = workspaces.back();
     std::memset(w.data(), 0xFF, w.size() * sizeof(double));  // NaN until written
@@ -124,9 +131,8 @@ void forward(FpmEmuCall& c) {
   ck::ForwardCall<scalar_t, acc_t> f{shape_of(c), params_of(c), c.eps,
                                      static_cast<const scalar_t*>(c.x), static_cast<scalar_t*>(c.y),
                                      static_cast<acc_t*>(c.mean), static_cast<acc_t*>(c.rstd)};
-  size_t bytes = 0;
-  ck::run_forward_kernels(f, call.limits, 0, [&](size_t n) { bytes += n; return call.allocate(n); });
-  call.report(c, bytes);
+  ck::run_forward_kernels(f, call.limits, nullptr, call.allocator());
+  call.report(c);
 }
 
 template <typename scalar_t>
@@ -145,9 +151,8 @@ void backward(FpmEmuCall& c) {
                                       static_cast<const scalar_t*>(c.x),
                                       static_cast<const acc_t*>(c.mean), static_cast<const acc_t*>(c.rstd),
                                       static_cast<scalar_t*>(c.grad_x)};
-  size_t bytes = 0;
-  ck::run_backward_kernels(b, call.limits, 0, [&](size_t n) { bytes += n; return call.allocate(n); });
-  call.report(c, bytes);
+  ck::run_backward_kernels(b, call.limits, nullptr, call.allocator());
+  call.report(c);
 }
 
 #if FPM_EMU_DTYPE == 0

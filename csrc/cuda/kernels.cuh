@@ -20,6 +20,8 @@
 //   4. copy the result to global memory with 16-byte stores (or, for kSums, reduce the
 //      products per channel).
 // Pool size 3 has its own unrolled instantiation (kR1); other sizes loop over the taps.
+// The layout (NCHW or channels_last) is a uniform runtime branch, not a template argument:
+// half as many kernels to compile, the same code where the layouts agree.
 // Offsets inside a sample are 32-bit over a 64-bit sample base; no per-element division
 // (work items are decoded with multiply-shift dividers built on the host).
 //
@@ -129,35 +131,31 @@ FPM_DEVICE void next_smem(const RunGrid& g, int& idx, int& col) {
   }
 }
 
-template <int V, typename T>
-FPM_DEVICE Pack<T, V> load_slot(const T* sample, const Slot& s) {
-  if (full_slot(s, V)) return simt::load_global_vector<V>(sample + s.glob);
-  Pack<T, V> p{};
-#pragma unroll
-  for (int e = 0; e < V; ++e) {
-    if (e >= s.lo && e < s.hi) p.v[e] = simt::load_global(sample + s.glob + e);
-  }
-  return p;
-}
-
-// Calls fn(slot, values) for every slot of the box this thread owns.  Loads are issued in
-// batches of U slots before any is used, so U vector loads per thread are in flight.
-template <int V, int U, typename T, typename Fn>
-FPM_DEVICE void for_each_loaded_slot(const T* sample, const RunGrid& g, const RunBlock& b, Fn&& fn) {
+// Visits the slots of the box this thread owns: full(slot, values) for every whole slot,
+// whose 16-byte loads are issued in batches of U before any is used (U loads per thread in
+// flight), and part(slot) for a slot cut by its run's ends, whose few elements the caller
+// moves one by one (a plain loop: it runs at most twice per run).
+template <int V, int U, typename T, typename Full, typename Part>
+FPM_DEVICE void for_each_slot(const T* sample, const RunGrid& g, const RunBlock& b, Full&& full, Part&& part) {
   const int total = g.RA * g.RB * g.S;
   for (int first = simt::thread_index(); first < total; first += U * simt::kThreads) {
     Slot s[U];
-    bool ok[U];
+    bool ok[U], whole[U];
     Pack<T, V> v[U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int sigma = first + u * simt::kThreads;
       ok[u] = sigma < total && decode_slot<V>(g, b, sigma, s[u]);
-      if (ok[u]) v[u] = load_slot<V>(sample, s[u]);
+      whole[u] = ok[u] && full_slot(s[u], V);
+      if (whole[u]) v[u] = simt::load_global_vector<V>(sample + s[u].glob);
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      if (ok[u]) fn(s[u], v[u]);
+      if (whole[u]) {
+        full(s[u], v[u]);
+      } else if (ok[u]) {
+        part(s[u]);
+      }
     }
   }
 }
@@ -166,8 +164,8 @@ template <int V, typename scalar_t, typename acc_t>
 FPM_DEVICE void stage_slots(const scalar_t* sample, const RunGrid& g, RunBlock b,
                             const SharedArray<acc_t>& dst, acc_t shift) {
   align_slots<V>(b, sample);
-  for_each_loaded_slot<V, 4>(sample, g, b, [&](const Slot& s, const Pack<scalar_t, V>& v) {
-    if (g.dense && full_slot(s, V)) {
+  auto full = [&](const Slot& s, const Pack<scalar_t, V>& v) {
+    if (g.dense) {
       const int at = s.smem_run + s.j0;
 #pragma unroll
       for (int e = 0; e < V; ++e) dst[at + e] = to_acc<acc_t>(v.v[e]) - shift;
@@ -176,12 +174,19 @@ FPM_DEVICE void stage_slots(const scalar_t* sample, const RunGrid& g, RunBlock b
     int col, idx = first_smem(g, s, col);
 #pragma unroll
     for (int e = 0; e < V; ++e) {
-      if (e >= s.lo && e < s.hi) {
-        dst[idx] = to_acc<acc_t>(v.v[e]) - shift;
-        next_smem(g, idx, col);
-      }
+      dst[idx] = to_acc<acc_t>(v.v[e]) - shift;
+      next_smem(g, idx, col);
     }
-  });
+  };
+  auto part = [&](const Slot& s) {
+    int col, idx = first_smem(g, s, col);
+#pragma unroll 1
+    for (int e = s.lo; e < s.hi; ++e) {
+      dst[idx] = to_acc<acc_t>(simt::load_global(sample + s.glob + e)) - shift;
+      next_smem(g, idx, col);
+    }
+  };
+  for_each_slot<V, 4>(sample, g, b, full, part);
 }
 
 // Global box -> shared memory, converted to acc_t, minus `shift`.
@@ -202,28 +207,20 @@ FPM_DEVICE void store_slots(scalar_t* sample, const RunGrid& g, RunBlock b, cons
   for (int sigma = simt::thread_index(); sigma < total; sigma += simt::kThreads) {
     Slot s;
     if (!decode_slot<V>(g, b, sigma, s)) continue;
-    Pack<scalar_t, V> p{};
-    if (g.dense && full_slot(s, V)) {
-      const int at = s.smem_run + s.j0;
-#pragma unroll
-      for (int e = 0; e < V; ++e) p.v[e] = static_cast<scalar_t>(src[at + e]);
-      simt::store_global_vector<V>(sample + s.glob, p);
-      continue;
-    }
     int col, idx = first_smem(g, s, col);
+    if (full_slot(s, V)) {
+      Pack<scalar_t, V> p;
 #pragma unroll
-    for (int e = 0; e < V; ++e) {
-      if (e >= s.lo && e < s.hi) {
+      for (int e = 0; e < V; ++e) {
         p.v[e] = static_cast<scalar_t>(src[idx]);
         next_smem(g, idx, col);
       }
-    }
-    if (full_slot(s, V)) {
       simt::store_global_vector<V>(sample + s.glob, p);
     } else {
-#pragma unroll
-      for (int e = 0; e < V; ++e) {
-        if (e >= s.lo && e < s.hi) simt::store_global(sample + s.glob + e, p.v[e]);
+#pragma unroll 1
+      for (int e = s.lo; e < s.hi; ++e) {
+        simt::store_global(sample + s.glob + e, static_cast<scalar_t>(src[idx]));
+        next_smem(g, idx, col);
       }
     }
   }
@@ -301,22 +298,24 @@ FPM_KERNEL(4) stats_kernel(const scalar_t* __restrict__ x, const StatsPlan p,
   }
   const acc_t pivot = to_acc<acc_t>(simt::load_global(sample + rb.glob0));
   acc_t sum = 0, squares = 0;
-  auto accumulate = [&](const Slot& s, const auto& v) {
-    constexpr int n_elems = sizeof(v.v) / sizeof(v.v[0]);
+  auto add = [&](scalar_t value) {
+    const acc_t d = to_acc<acc_t>(value) - pivot;
+    sum += d;
+    squares += d * d;
+  };
+  auto full = [&](const Slot&, const auto& v) {
 #pragma unroll
-    for (int e = 0; e < n_elems; ++e) {
-      if (e >= s.lo && e < s.hi) {
-        const acc_t d = to_acc<acc_t>(v.v[e]) - pivot;
-        sum += d;
-        squares += d * d;
-      }
-    }
+    for (int e = 0; e < static_cast<int>(sizeof(v.v) / sizeof(v.v[0])); ++e) add(v.v[e]);
+  };
+  auto part = [&](const Slot& s) {
+#pragma unroll 1
+    for (int e = s.lo; e < s.hi; ++e) add(simt::load_global(sample + s.glob + e));
   };
   if (p.runs.vector) {
     align_slots<V>(rb, sample);
-    for_each_loaded_slot<V, 4>(sample, p.runs, rb, accumulate);
+    for_each_slot<V, 4>(sample, p.runs, rb, full, part);
   } else {
-    for_each_loaded_slot<1, 4>(sample, p.runs, rb, accumulate);
+    for_each_slot<1, 4>(sample, p.runs, rb, full, part);
   }
   simt::SharedCarver carver{simt::dynamic_shared_memory()};
   const SharedArray<acc_t> scratch = carver.take<acc_t>(2 * simt::kWarps);
@@ -359,7 +358,6 @@ struct Tile {
   int O0, M0, I0;
 };
 
-template <bool kCL>
 FPM_DEVICE Tile locate_tile(const TilePlan& p) {
   Tile t;
   int rest;
@@ -369,7 +367,8 @@ FPM_DEVICE Tile locate_tile(const TilePlan& p) {
   t.n = rest;
   t.c0 = t.tc_i * p.TC, t.h0 = t.th_i * p.TH, t.w0 = t.tw_i * p.TW;
   t.tc = imin(p.TC, p.C - t.c0), t.th = imin(p.TH, p.H - t.h0), t.tw = imin(p.TW, p.W - t.w0);
-  t.O0 = kCL ? t.h0 : t.c0, t.M0 = kCL ? t.w0 : t.h0, t.I0 = kCL ? t.c0 : t.w0;
+  const bool cl = p.channels_last;
+  t.O0 = cl ? t.h0 : t.c0, t.M0 = cl ? t.w0 : t.h0, t.I0 = cl ? t.c0 : t.w0;
   return t;
 }
 
@@ -494,12 +493,13 @@ FPM_DEVICE void add_scaled(Pack<acc_t, CW>& sum, const Pack<acc_t, CW>& v, acc_t
 // Phase 2: V = the vertical window sums of X (kWeighted: each tap times 1/count of its
 // row, for P^T), for the tile's rows and every staged column.  NCHW columns outside the
 // staged input (V's margins, the plane's border) are set to zero.
-template <typename acc_t, bool kCL, bool kR1, bool kWeighted>
+template <typename acc_t, bool kR1, bool kWeighted>
 FPM_DEVICE void vertical_sums(const TilePlan& p, const Tile& t, const TileSmem<acc_t>& s) {
   constexpr int CW = kVec<acc_t>;
   using Vec = Pack<acc_t, CW>;
+  const bool cl = p.channels_last;
   const int total = p.v_rows * p.v_segs;
-  const int tap = kCL ? p.xbox.ext_m * p.xbox.ext_i : p.xbox.ext_i;  // X's row distance
+  const int tap = cl ? p.xbox.ext_m * p.xbox.ext_i : p.xbox.ext_i;  // X's row distance
   const int col_lo = p.margin + imax(-p.hw, -t.w0);
   const int col_hi = p.margin + imin(t.tw + p.hw, p.W - t.w0);
   for (int sigma = simt::thread_index(); sigma < total; sigma += simt::kThreads) {
@@ -507,9 +507,9 @@ FPM_DEVICE void vertical_sums(const TilePlan& p, const Tile& t, const TileSmem<a
     p.div_v_segs.divmod(sigma, row, seg);
     p.div_v_rows_m.divmod(row, ro, rm);
     const int i0 = seg * CW;
-    const int hrel = kCL ? ro : rm;
+    const int hrel = cl ? ro : rm;
     int vi, xi;
-    if (kCL) {
+    if (cl) {
       const int w = t.w0 - p.hw + rm;
       if (hrel >= t.th || w < 0 || w >= p.W) continue;
       vi = (ro * p.vbox.ext_m + rm) * p.vbox.ext_i + i0;
@@ -539,7 +539,7 @@ FPM_DEVICE void vertical_sums(const TilePlan& p, const Tile& t, const TileSmem<a
         if (d != 0) add_scaled(sum, s.X.template load<CW>(xi + d * tap), kWeighted ? s.inv_h[hs + d] : acc_t(1));
       }
     }
-    if (!kCL && (i0 < col_lo || i0 + CW > col_hi)) {
+    if (!cl && (i0 < col_lo || i0 + CW > col_hi)) {
 #pragma unroll
       for (int e = 0; e < CW; ++e) {
         if (i0 + e < col_lo || i0 + e >= col_hi) sum.v[e] = 0;
@@ -705,7 +705,7 @@ FPM_DEVICE void epilogue_channels_last(const TilePlan& p, const Tile& t, const T
 
 // kSums phase 4: the sums of P (D * dy) and B (x * dy) per channel of the tile, in a fixed
 // order, to this tile's slot of the partials.
-template <typename scalar_t, typename acc_t, bool kCL>
+template <typename scalar_t, typename acc_t>
 FPM_DEVICE void reduce_products(const TilePlan& p, const Tile& t, const TileArgs<scalar_t, acc_t>& a,
                                 const TileSmem<acc_t>& s) {
   constexpr int CW = kVec<acc_t>;
@@ -716,7 +716,7 @@ FPM_DEVICE void reduce_products(const TilePlan& p, const Tile& t, const TileArgs
     simt::store_global(a.partial_d + at, d);
     simt::store_global(a.partial_x + at, xdy);
   };
-  if (!kCL) {
+  if (!p.channels_last) {
     // A warp per channel: its TH x TWp products are contiguous.
     const int plane = p.TH * p.bbox.ext_i;
     for (int c = warp; c < p.TC; c += simt::kWarps) {
@@ -759,9 +759,9 @@ FPM_DEVICE void reduce_products(const TilePlan& p, const Tile& t, const TileArgs
   }
 }
 
-template <typename scalar_t, typename acc_t, bool kCL, bool kR1, int kMode>
+template <typename scalar_t, typename acc_t, bool kR1, int kMode>
 FPM_KERNEL(kTileBlocksPerSM<scalar_t>) tile_kernel(const TilePlan p, const TileArgs<scalar_t, acc_t> a) {
-  const Tile t = locate_tile<kCL>(p);
+  const Tile t = locate_tile(p);
   const TileSmem<acc_t> s = carve_tile_smem<acc_t, kMode>(p);
   const int64_t base = t.n * p.sample_numel;
   const scalar_t* x = a.x + base;
@@ -784,11 +784,11 @@ FPM_KERNEL(kTileBlocksPerSM<scalar_t>) tile_kernel(const TilePlan p, const TileA
 
   // Phase 2: vertical sums (and the apply kernel's per-channel factors).
   if (kMode == kApply) apply_tables(p, t, a, s);
-  vertical_sums<acc_t, kCL, kR1, kMode == kDx>(p, t, s);
+  vertical_sums<acc_t, kR1, kMode == kDx>(p, t, s);
   simt::sync_block();
 
   // Phase 3: horizontal sums and the epilogue.
-  if (kCL) {
+  if (p.channels_last) {
     epilogue_channels_last<acc_t, kR1, kMode>(p, t, s, pivot);
   } else {
     epilogue_nchw<acc_t, kR1, kMode>(p, t, s, pivot);
@@ -797,7 +797,7 @@ FPM_KERNEL(kTileBlocksPerSM<scalar_t>) tile_kernel(const TilePlan p, const TileA
 
   // Phase 4: results out.
   if (kMode == kSums) {
-    reduce_products<scalar_t, acc_t, kCL>(p, t, a, s);
+    reduce_products<scalar_t, acc_t>(p, t, a, s);
   } else {
     store_box(a.out + base, p.store_out, bind_box(p.store_out, p.dims, t.O0, t.M0, t.I0),
               kMode == kApply ? s.X : s.B);

@@ -1,56 +1,28 @@
-// The launch sequences of one forward and one backward call, shared by the CUDA operators
-// (forward.cu, backward.cu: ATen tensors, the CUDA stream) and the CPU emulator
-// (tests/cuda_emulator.cpp).  `allocate(bytes)` returns the call's one workspace.
+// The launch sequences of one forward and one backward call (api.h), shared by the CUDA
+// build (forward.cu, backward.cu, backward_dx.cu instantiate them) and the CPU emulator.
 //
 //   forward   stats_kernel, tile_kernel<kApply>                        2 launches, 1 workspace
 //   backward  tile_kernel<kSums>, fold_kernel, tile_kernel<kDx>        3 launches, 1 workspace
 #pragma once
 
+#include "api.h"
 #include "kernels.cuh"
 
 namespace fused_poolformer {
 namespace cuda_kernels {
 
-template <typename scalar_t, typename acc_t>
-struct ForwardCall {
-  MixerShape shape;
-  MixerParams params;
-  double eps;
-  const scalar_t* x;
-  scalar_t* y;
-  acc_t* mean;
-  acc_t* rstd;
-};
-
-template <typename scalar_t, typename acc_t>
-struct BackwardCall {
-  MixerShape shape;
-  MixerParams params;
-  ParamGrads grads;
-  const scalar_t* grad_y;
-  const scalar_t* x;
-  const acc_t* mean;
-  const acc_t* rstd;
-  scalar_t* grad_x;  // nullptr when not requested
-};
-
+// One tile kernel launch; the layout is a runtime branch inside the kernel, the pool size 3
+// has its own unrolled instantiation.
 template <typename scalar_t, typename acc_t, int kMode>
 void launch_tiles(const TilePlan& p, const TileArgs<scalar_t, acc_t>& a, simt::Stream stream) {
-  const size_t smem = static_cast<size_t>(p.smem_bytes);
-  if (p.channels_last) {
-    simt::launch(p.radius_one ? &tile_kernel<scalar_t, acc_t, true, true, kMode>
-                              : &tile_kernel<scalar_t, acc_t, true, false, kMode>,
-                 p.blocks, smem, stream, p, a);
-  } else {
-    simt::launch(p.radius_one ? &tile_kernel<scalar_t, acc_t, false, true, kMode>
-                              : &tile_kernel<scalar_t, acc_t, false, false, kMode>,
-                 p.blocks, smem, stream, p, a);
-  }
+  simt::launch(p.radius_one ? &tile_kernel<scalar_t, acc_t, true, kMode> : &tile_kernel<scalar_t, acc_t, false, kMode>,
+               p.blocks, static_cast<size_t>(p.smem_bytes), stream, p, a);
 }
 
-template <typename scalar_t, typename acc_t, typename Allocate>
-void run_forward_kernels(const ForwardCall<scalar_t, acc_t>& call, const DeviceLimits& dev, simt::Stream stream,
-                 Allocate&& allocate) {
+template <typename scalar_t, typename acc_t>
+void run_forward_kernels(const ForwardCall<scalar_t, acc_t>& call, const DeviceLimits& dev, void* stream_handle,
+                         const WorkspaceAllocator& allocate) {
+  const simt::Stream stream = simt::to_stream(stream_handle);
   const MixerShape& s = call.shape;
   const StatsPlan stats = plan_statistics(s, sizeof(scalar_t), dev);
   const TilePlan tiles = plan_tiles(s, sizeof(scalar_t), sizeof(acc_t), kApply, kTileBlocksPerSM<scalar_t>, dev);
@@ -70,9 +42,10 @@ void run_forward_kernels(const ForwardCall<scalar_t, acc_t>& call, const DeviceL
   launch_tiles<scalar_t, acc_t, kApply>(tiles, a, stream);
 }
 
-template <typename scalar_t, typename acc_t, typename Allocate>
-void run_backward_kernels(const BackwardCall<scalar_t, acc_t>& call, const DeviceLimits& dev, simt::Stream stream,
-                  Allocate&& allocate) {
+template <typename scalar_t, typename acc_t>
+void run_backward_kernels(const BackwardCall<scalar_t, acc_t>& call, const DeviceLimits& dev, void* stream_handle,
+                          const WorkspaceAllocator& allocate) {
+  const simt::Stream stream = simt::to_stream(stream_handle);
   const MixerShape& s = call.shape;
   if (call.grad_x == nullptr && !call.grads.any()) return;
   const TilePlan sums = plan_tiles(s, sizeof(scalar_t), sizeof(acc_t), kSums, kTileBlocksPerSM<scalar_t>, dev);
@@ -102,6 +75,13 @@ void run_backward_kernels(const BackwardCall<scalar_t, acc_t>& call, const Devic
   a.inv_group_numel = acc_t(1) / static_cast<acc_t>(s.group_numel());
   launch_tiles<scalar_t, acc_t, kDx>(dx, a, stream);
 }
+
+// The four dtypes the operators dispatch to (half types accumulate in float).
+#define FPM_FOR_EACH_DTYPE(MACRO) \
+  MACRO(float, float)             \
+  MACRO(double, double)           \
+  MACRO(c10::Half, float)         \
+  MACRO(c10::BFloat16, float)
 
 }  // namespace cuda_kernels
 }  // namespace fused_poolformer

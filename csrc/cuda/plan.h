@@ -16,6 +16,7 @@
 #include <string>
 
 #include "../pool_mixer.h"
+#include "api.h"
 #include "simt.h"
 
 namespace fused_poolformer {
@@ -23,12 +24,6 @@ namespace cuda_kernels {
 
 using simt::FastDivmod;
 using simt::kThreads;
-
-struct DeviceLimits {
-  int multiprocessors = 132;
-  int shared_bytes_optin = 227 * 1024;  // the per-block opt-in maximum
-  int shared_bytes_per_sm = 228 * 1024;
-};
 
 // Blocks of kThreads per multiprocessor the kernels' register budget allows (their
 // __launch_bounds__): 64 registers per thread, 80 for the half types' tile kernels.

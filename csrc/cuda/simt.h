@@ -3,7 +3,7 @@
 //
 //   * by nvcc, where every call below is the CUDA built-in it names (threadIdx.x,
 //     __syncthreads, __shfl_down_sync, dynamic shared memory, 128-bit global accesses), and
-//   * by a plain C++ compiler (FPM_SIMT_EMULATE), where simt_emulator.h runs each block's
+//   * by a plain C++ compiler with FPM_SIMT_EMULATE defined, where simt_emulator.h runs each block's
 //     threads as cooperative fibers on the CPU: barriers and warp shuffles are real
 //     synchronisation points, shared memory is a per-block buffer filled with NaN, and every
 //     global access is checked against the buffers the caller registered (bounds, alignment
@@ -19,20 +19,22 @@
 #include <utility>
 
 #if defined(__CUDACC__)
-#include <c10/cuda/CUDAException.h>
 #include <cuda_runtime.h>
 
 #include <map>
 #include <mutex>
+#include <stdexcept>
+#include <string>
 #define FPM_DEVICE __device__ __forceinline__
 #define FPM_HD __host__ __device__ __forceinline__
 // kMinBlocks: blocks per multiprocessor the register budget must allow (plan.h assumes it).
 #define FPM_KERNEL(kMinBlocks) __global__ void __launch_bounds__(::fused_poolformer::simt::kThreads, kMinBlocks)
-#else
-#define FPM_SIMT_EMULATE 1
+#elif defined(FPM_SIMT_EMULATE)
 #define FPM_DEVICE inline
 #define FPM_HD inline
 #define FPM_KERNEL(kMinBlocks) void
+#else
+#error "simt.h: compile with nvcc, or define FPM_SIMT_EMULATE for the CPU emulator"
 #endif
 
 namespace fused_poolformer {
@@ -88,6 +90,7 @@ namespace simt {
 #if !defined(FPM_SIMT_EMULATE)
 
 using Stream = cudaStream_t;
+inline Stream to_stream(void* handle) { return static_cast<Stream>(handle); }
 
 FPM_DEVICE int thread_index() { return static_cast<int>(threadIdx.x); }
 FPM_DEVICE unsigned block_index() { return blockIdx.x; }
@@ -134,17 +137,23 @@ FPM_DEVICE void store_global_vector(T* p, const Pack<T, V>& value) {
   *reinterpret_cast<Raw*>(p) = raw;
 }
 
+inline void check_cuda(cudaError_t status, const char* what) {
+  if (status != cudaSuccess) {
+    throw std::runtime_error(std::string("pool_mixer (CUDA): ") + what + ": " + cudaGetErrorString(status));
+  }
+}
+
 // Raises a kernel's dynamic shared-memory limit on the current device (once per size).
 inline void allow_shared_bytes(const void* kernel, size_t bytes) {
   static std::mutex mutex;
   static std::map<std::pair<const void*, int>, size_t> allowed;
   int device = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
   std::lock_guard<std::mutex> lock(mutex);
   size_t& current = allowed[{kernel, device}];
   if (current >= bytes) return;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(bytes)));
+  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
+             "cudaFuncSetAttribute");
   current = bytes;
 }
 
@@ -154,7 +163,7 @@ inline void launch(void (*kernel)(KernelArgs...), unsigned grid, size_t smem_byt
                    Args&&... args) {
   if (smem_bytes > 48 * 1024) allow_shared_bytes(reinterpret_cast<const void*>(kernel), smem_bytes);
   kernel<<<grid, kThreads, smem_bytes, stream>>>(std::forward<Args>(args)...);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  check_cuda(cudaGetLastError(), "kernel launch");
 }
 
 #endif  // !FPM_SIMT_EMULATE

@@ -349,6 +349,7 @@ inline void check_shared(const void* data, int size, int index, int count, size_
 }  // namespace emu
 
 using Stream = int;
+inline Stream to_stream(void*) { return 0; }
 
 inline int thread_index() { return emu::current_block()->current; }
 inline unsigned block_index() { return emu::current_block()->block; }
