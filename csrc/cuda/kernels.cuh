@@ -490,6 +490,32 @@ FPM_DEVICE void add_scaled(Pack<acc_t, CW>& sum, const Pack<acc_t, CW>& v, acc_t
   for (int e = 0; e < CW; ++e) sum.v[e] += v.v[e] * scale;
 }
 
+// The window sum along one axis of the shared array `src`, for the vector of CW elements at
+// `at` whose position on that axis is `pos` (of `len`, radius `radius`); neighbours along the
+// axis are `tap` apart and taps past the ends of the axis are left out.  kWeighted: each tap
+// is multiplied by weights[k + d], the 1/count of its position (k: the entry of `pos`).
+template <typename acc_t, bool kR1, bool kWeighted>
+FPM_DEVICE Pack<acc_t, kVec<acc_t>> window_sum(const SharedArray<acc_t>& src, int at, int tap, int pos, int len,
+                                               int radius, const SharedArray<acc_t>& weights, int k) {
+  constexpr int CW = kVec<acc_t>;
+  Pack<acc_t, CW> sum = src.template load<CW>(at);
+  if (kWeighted) {
+    const acc_t w = weights[k];
+#pragma unroll
+    for (int e = 0; e < CW; ++e) sum.v[e] *= w;
+  }
+  if (kR1) {
+    if (pos > 0) add_scaled(sum, src.template load<CW>(at - tap), kWeighted ? weights[k - 1] : acc_t(1));
+    if (pos < len - 1) add_scaled(sum, src.template load<CW>(at + tap), kWeighted ? weights[k + 1] : acc_t(1));
+  } else {
+    const int lo = imax(-radius, -pos), hi = imin(radius, len - 1 - pos);
+    for (int d = lo; d <= hi; ++d) {
+      if (d != 0) add_scaled(sum, src.template load<CW>(at + d * tap), kWeighted ? weights[k + d] : acc_t(1));
+    }
+  }
+  return sum;
+}
+
 // Phase 2: V = the vertical window sums of X (kWeighted: each tap times 1/count of its
 // row, for P^T), for the tile's rows and every staged column.  NCHW columns outside the
 // staged input (V's margins, the plane's border) are set to zero.
@@ -523,22 +549,8 @@ FPM_DEVICE void vertical_sums(const TilePlan& p, const Tile& t, const TileSmem<a
       }
       xi = (ro * p.xbox.ext_m + rm + p.hh) * p.xbox.ext_i + i0 - p.margin + p.xbox.off_i;
     }
-    const int h = t.h0 + hrel, hs = hrel + p.hh;  // hs: the staged row of h
-    Vec sum = s.X.template load<CW>(xi);
-    if (kWeighted) {
-      const acc_t w = s.inv_h[hs];
-#pragma unroll
-      for (int e = 0; e < CW; ++e) sum.v[e] *= w;
-    }
-    if (kR1) {
-      if (h > 0) add_scaled(sum, s.X.template load<CW>(xi - tap), kWeighted ? s.inv_h[hs - 1] : acc_t(1));
-      if (h < p.H - 1) add_scaled(sum, s.X.template load<CW>(xi + tap), kWeighted ? s.inv_h[hs + 1] : acc_t(1));
-    } else {
-      const int lo = imax(-p.rh, -h), hi = imin(p.rh, p.H - 1 - h);
-      for (int d = lo; d <= hi; ++d) {
-        if (d != 0) add_scaled(sum, s.X.template load<CW>(xi + d * tap), kWeighted ? s.inv_h[hs + d] : acc_t(1));
-      }
-    }
+    // hrel + hh: the staged row of h, the 1/count table's entry
+    Vec sum = window_sum<acc_t, kR1, kWeighted>(s.X, xi, tap, t.h0 + hrel, p.H, p.rh, s.inv_h, hrel + p.hh);
     if (!cl && (i0 < col_lo || i0 + CW > col_hi)) {
 #pragma unroll
       for (int e = 0; e < CW; ++e) {
@@ -589,117 +601,108 @@ FPM_DEVICE void finish_segment(const TileSmem<acc_t>& s, const acc_t (&box)[CW],
   }
 }
 
-// NCHW phase 3: a work item is CW consecutive outputs of one row; the horizontal sums slide
-// along the row of V (whose zero margins make border taps vanish).
+// NCHW phase 3, one work item: CW consecutive outputs (from column q) of row hr of channel
+// cr; the horizontal sums slide along the row of V (whose zero margins make border taps
+// vanish).
 template <typename acc_t, bool kR1, int kMode>
-FPM_DEVICE void epilogue_nchw(const TilePlan& p, const Tile& t, const TileSmem<acc_t>& s, acc_t pivot) {
+FPM_DEVICE void segment_nchw(const TilePlan& p, const Tile& t, const TileSmem<acc_t>& s, acc_t pivot, int cr,
+                             int hr, int q, int b_at) {
   constexpr int CW = kVec<acc_t>;
   constexpr bool kWeighted = kMode == kDx;
   using Vec = Pack<acc_t, CW>;
-  const int total = p.o_rows * p.o_segs;
-  for (int sigma = simt::thread_index(); sigma < total; sigma += simt::kThreads) {
-    int row, seg, cr, hr;
-    p.div_o_segs.divmod(sigma, row, seg);
-    p.div_o_rows_m.divmod(row, cr, hr);
-    const int q = seg * CW;
-    const int b_at = (cr * p.TH + hr) * p.bbox.ext_i + q;
-    if (cr >= t.tc || hr >= t.th) {
-      if (kMode == kSums) s.P.template store<CW>(b_at, Vec{}), s.B.template store<CW>(b_at, Vec{});
-      continue;
+  const int col = p.margin + q;  // V's column of output q
+  const int v_at = (cr * p.TH + hr) * p.vbox.ext_i + col;
+  acc_t box[CW];
+  if (kR1) {
+    acc_t taps[CW + 2];
+    const Vec mid = s.V.template load<CW>(v_at);
+    taps[0] = s.V[v_at - 1];
+    taps[CW + 1] = s.V[v_at + CW];
+#pragma unroll
+    for (int e = 0; e < CW; ++e) taps[e + 1] = mid.v[e];
+    if (kWeighted) {
+      const Vec w = s.inv_w.template load<CW>(col);
+      taps[0] *= s.inv_w[col - 1];
+      taps[CW + 1] *= s.inv_w[col + CW];
+#pragma unroll
+      for (int e = 0; e < CW; ++e) taps[e + 1] *= w.v[e];
     }
-    const int col = p.margin + q;  // V's column of output q
-    const int v_at = (cr * p.TH + hr) * p.vbox.ext_i + col;
-    acc_t box[CW];
-    if (kR1) {
-      acc_t taps[CW + 2];
-      const Vec mid = s.V.template load<CW>(v_at);
-      taps[0] = s.V[v_at - 1];
-      taps[CW + 1] = s.V[v_at + CW];
 #pragma unroll
-      for (int e = 0; e < CW; ++e) taps[e + 1] = mid.v[e];
-      if (kWeighted) {
-        const Vec w = s.inv_w.template load<CW>(col);
-        taps[0] *= s.inv_w[col - 1];
-        taps[CW + 1] *= s.inv_w[col + CW];
-#pragma unroll
-        for (int e = 0; e < CW; ++e) taps[e + 1] *= w.v[e];
-      }
-#pragma unroll
-      for (int e = 0; e < CW; ++e) box[e] = taps[e] + taps[e + 1] + taps[e + 2];
-    } else {
-#pragma unroll
-      for (int e = 0; e < CW; ++e) {
-        acc_t sum = 0;
-        for (int d = -p.rw; d <= p.rw; ++d) {
-          sum += kWeighted ? s.V[v_at + e + d] * s.inv_w[col + e + d] : s.V[v_at + e + d];
-        }
-        box[e] = sum;
-      }
-    }
-    const acc_t row_scale = s.inv_h[hr + p.hh];
-    const Vec col_scale = s.inv_w.template load<CW>(col);
-    acc_t scale[CW], coef[CW], res[CW], mean[CW], corr[CW];
+    for (int e = 0; e < CW; ++e) box[e] = taps[e] + taps[e + 1] + taps[e + 2];
+  } else {
 #pragma unroll
     for (int e = 0; e < CW; ++e) {
-      scale[e] = row_scale * col_scale.v[e];
-      coef[e] = kMode == kSums ? acc_t(0) : s.coef[cr];
-      res[e] = kMode == kSums ? acc_t(0) : s.res[cr];
-      mean[e] = kMode == kDx ? s.mean[cr] : acc_t(0);
-      corr[e] = kMode == kDx ? s.corr[cr] : acc_t(0);
+      acc_t sum = 0;
+      for (int d = -p.rw; d <= p.rw; ++d) {
+        sum += kWeighted ? s.V[v_at + e + d] * s.inv_w[col + e + d] : s.V[v_at + e + d];
+      }
+      box[e] = sum;
     }
-    const int x_at = (cr * p.xbox.ext_m + hr + p.hh) * p.xbox.ext_i + p.xbox.off_i + q;
-    finish_segment<acc_t, kMode, CW>(s, box, scale, coef, res, mean, corr, x_at, b_at, t.tw - q, pivot);
   }
+  const acc_t row_scale = s.inv_h[hr + p.hh];
+  const Vec col_scale = s.inv_w.template load<CW>(col);
+  acc_t scale[CW], coef[CW], res[CW], mean[CW], corr[CW];
+#pragma unroll
+  for (int e = 0; e < CW; ++e) {
+    scale[e] = row_scale * col_scale.v[e];
+    coef[e] = kMode == kSums ? acc_t(0) : s.coef[cr];
+    res[e] = kMode == kSums ? acc_t(0) : s.res[cr];
+    mean[e] = kMode == kDx ? s.mean[cr] : acc_t(0);
+    corr[e] = kMode == kDx ? s.corr[cr] : acc_t(0);
+  }
+  const int x_at = (cr * p.xbox.ext_m + hr + p.hh) * p.xbox.ext_i + p.xbox.off_i + q;
+  finish_segment<acc_t, kMode, CW>(s, box, scale, coef, res, mean, corr, x_at, b_at, t.tw - q, pivot);
 }
 
-// channels_last phase 3: a work item is CW consecutive channels of one position; the
-// horizontal taps are V's neighbouring positions.
+// channels_last phase 3, one work item: CW consecutive channels (from q) of position (hr,
+// wr); the horizontal taps are V's neighbouring positions.
 template <typename acc_t, bool kR1, int kMode>
-FPM_DEVICE void epilogue_channels_last(const TilePlan& p, const Tile& t, const TileSmem<acc_t>& s, acc_t pivot) {
+FPM_DEVICE void segment_channels_last(const TilePlan& p, const Tile& t, const TileSmem<acc_t>& s, acc_t pivot,
+                                      int hr, int wr, int q, int b_at) {
   constexpr int CW = kVec<acc_t>;
   constexpr bool kWeighted = kMode == kDx;
   using Vec = Pack<acc_t, CW>;
-  const int total = p.o_rows * p.o_segs;
   const int tap = p.vbox.ext_i;  // V's position distance
+  const int w = t.w0 + wr, pos = wr + p.hw;  // pos: V's (and X's) column of w
+  const int v_at = (hr * p.vbox.ext_m + pos) * p.vbox.ext_i + q;
+  const Vec sum = window_sum<acc_t, kR1, kWeighted>(s.V, v_at, tap, w, p.W, p.rw, s.inv_w, pos);
+  const acc_t position_scale = s.inv_h[hr + p.hh] * s.inv_w[pos];
+  acc_t box[CW], scale[CW], coef[CW], res[CW], mean[CW], corr[CW];
+  Vec cv{}, rv{}, mv{}, kv{};
+  if (kMode != kSums) cv = s.coef.template load<CW>(q), rv = s.res.template load<CW>(q);
+  if (kMode == kDx) mv = s.mean.template load<CW>(q), kv = s.corr.template load<CW>(q);
+#pragma unroll
+  for (int e = 0; e < CW; ++e) {
+    box[e] = sum.v[e], scale[e] = position_scale;
+    coef[e] = cv.v[e], res[e] = rv.v[e], mean[e] = mv.v[e], corr[e] = kv.v[e];
+  }
+  const int x_at = ((hr + p.hh) * p.xbox.ext_m + pos) * p.xbox.ext_i + q;
+  finish_segment<acc_t, kMode, CW>(s, box, scale, coef, res, mean, corr, x_at, b_at, t.tc - q, pivot);
+}
+
+// Phase 3: a work item is a row (o, m) of the output tile and a CW-wide segment along it.
+// Rows outside the plane are skipped (kSums: their products are zero).
+template <typename acc_t, bool kR1, int kMode>
+FPM_DEVICE void epilogue(const TilePlan& p, const Tile& t, const TileSmem<acc_t>& s, acc_t pivot) {
+  constexpr int CW = kVec<acc_t>;
+  const bool cl = p.channels_last;
+  const int total = p.o_rows * p.o_segs;
   for (int sigma = simt::thread_index(); sigma < total; sigma += simt::kThreads) {
-    int row, seg, hr, wr;
+    int row, seg, ro, rm;
     p.div_o_segs.divmod(sigma, row, seg);
-    p.div_o_rows_m.divmod(row, hr, wr);
+    p.div_o_rows_m.divmod(row, ro, rm);  // (channel, row) in NCHW, (row, column) in channels_last
     const int q = seg * CW;
-    const int b_at = (hr * p.TW + wr) * p.bbox.ext_i + q;
-    if (hr >= t.th || wr >= t.tw) {
-      if (kMode == kSums) s.P.template store<CW>(b_at, Vec{}), s.B.template store<CW>(b_at, Vec{});
+    const int b_at = (ro * p.o_rows_m + rm) * p.bbox.ext_i + q;
+    const bool inside = cl ? ro < t.th && rm < t.tw : ro < t.tc && rm < t.th;
+    if (!inside) {
+      if (kMode == kSums) s.P.template store<CW>(b_at, Pack<acc_t, CW>{}), s.B.template store<CW>(b_at, Pack<acc_t, CW>{});
       continue;
     }
-    const int w = t.w0 + wr, pos = wr + p.hw;  // pos: V's (and X's) column of w
-    const int v_at = (hr * p.vbox.ext_m + pos) * p.vbox.ext_i + q;
-    Vec sum = s.V.template load<CW>(v_at);
-    if (kWeighted) {
-      const acc_t wc = s.inv_w[pos];
-#pragma unroll
-      for (int e = 0; e < CW; ++e) sum.v[e] *= wc;
-    }
-    if (kR1) {
-      if (w > 0) add_scaled(sum, s.V.template load<CW>(v_at - tap), kWeighted ? s.inv_w[pos - 1] : acc_t(1));
-      if (w < p.W - 1) add_scaled(sum, s.V.template load<CW>(v_at + tap), kWeighted ? s.inv_w[pos + 1] : acc_t(1));
+    if (cl) {
+      segment_channels_last<acc_t, kR1, kMode>(p, t, s, pivot, ro, rm, q, b_at);
     } else {
-      const int lo = imax(-p.rw, -w), hi = imin(p.rw, p.W - 1 - w);
-      for (int d = lo; d <= hi; ++d) {
-        if (d != 0) add_scaled(sum, s.V.template load<CW>(v_at + d * tap), kWeighted ? s.inv_w[pos + d] : acc_t(1));
-      }
+      segment_nchw<acc_t, kR1, kMode>(p, t, s, pivot, ro, rm, q, b_at);
     }
-    const acc_t position_scale = s.inv_h[hr + p.hh] * s.inv_w[pos];
-    acc_t box[CW], scale[CW], coef[CW], res[CW], mean[CW], corr[CW];
-    Vec cv{}, rv{}, mv{}, kv{};
-    if (kMode != kSums) cv = s.coef.template load<CW>(q), rv = s.res.template load<CW>(q);
-    if (kMode == kDx) mv = s.mean.template load<CW>(q), kv = s.corr.template load<CW>(q);
-#pragma unroll
-    for (int e = 0; e < CW; ++e) {
-      box[e] = sum.v[e], scale[e] = position_scale;
-      coef[e] = cv.v[e], res[e] = rv.v[e], mean[e] = mv.v[e], corr[e] = kv.v[e];
-    }
-    const int x_at = ((hr + p.hh) * p.xbox.ext_m + pos) * p.xbox.ext_i + q;
-    finish_segment<acc_t, kMode, CW>(s, box, scale, coef, res, mean, corr, x_at, b_at, t.tc - q, pivot);
   }
 }
 
@@ -788,11 +791,7 @@ FPM_KERNEL(kTileBlocksPerSM<scalar_t>) tile_kernel(const TilePlan p, const TileA
   simt::sync_block();
 
   // Phase 3: horizontal sums and the epilogue.
-  if (p.channels_last) {
-    epilogue_channels_last<acc_t, kR1, kMode>(p, t, s, pivot);
-  } else {
-    epilogue_nchw<acc_t, kR1, kMode>(p, t, s, pivot);
-  }
+  epilogue<acc_t, kR1, kMode>(p, t, s, pivot);
   simt::sync_block();
 
   // Phase 4: results out.
