@@ -164,9 +164,22 @@ template <int V, typename scalar_t, typename acc_t>
 FPM_DEVICE void stage_slots(const scalar_t* sample, const RunGrid& g, RunBlock b,
                             const SharedArray<acc_t>& dst, acc_t shift) {
   align_slots<V>(b, sample);
+  constexpr int CW = kVec<acc_t>;
   auto full = [&](const Slot& s, const Pack<scalar_t, V>& v) {
+    const int at = s.smem_run + s.j0;
+    if constexpr (V % CW == 0) {
+      if (g.dense && at % CW == 0) {  // 16-byte shared stores: no bank conflicts
+#pragma unroll
+        for (int c = 0; c < V; c += CW) {
+          Pack<acc_t, CW> out;
+#pragma unroll
+          for (int e = 0; e < CW; ++e) out.v[e] = to_acc<acc_t>(v.v[c + e]) - shift;
+          dst.template store<CW>(at + c, out);
+        }
+        return;
+      }
+    }
     if (g.dense) {
-      const int at = s.smem_run + s.j0;
 #pragma unroll
       for (int e = 0; e < V; ++e) dst[at + e] = to_acc<acc_t>(v.v[e]) - shift;
       return;
@@ -210,10 +223,20 @@ FPM_DEVICE void store_slots(scalar_t* sample, const RunGrid& g, RunBlock b, cons
     int col, idx = first_smem(g, s, col);
     if (full_slot(s, V)) {
       Pack<scalar_t, V> p;
+      constexpr int CW = kVec<acc_t>;
+      if (V % CW == 0 && g.dense && idx % CW == 0) {  // 16-byte shared loads: no bank conflicts
 #pragma unroll
-      for (int e = 0; e < V; ++e) {
-        p.v[e] = static_cast<scalar_t>(src[idx]);
-        next_smem(g, idx, col);
+        for (int c = 0; c < V; c += CW) {
+          const Pack<acc_t, CW> in = src.template load<CW>(idx + c);
+#pragma unroll
+          for (int e = 0; e < CW && c + e < V; ++e) p.v[c + e] = static_cast<scalar_t>(in.v[e]);
+        }
+      } else {
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+          p.v[e] = static_cast<scalar_t>(src[idx]);
+          next_smem(g, idx, col);
+        }
       }
       simt::store_global_vector<V>(sample + s.glob, p);
     } else {
