@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import cuda_emulation as emu
-from conftest import OPTION_NAMES, TOL, assert_close_to, call, make_inputs
+from helpers import OPTION_NAMES, TOL, assert_close_to, call, make_inputs
 from fused_poolformer import reference
 
 pytestmark = pytest.mark.skipif(emu.compiler() is None, reason="no C++ compiler for the CUDA emulator")

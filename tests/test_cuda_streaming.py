@@ -1,4 +1,4 @@
-"""GPU cases for the streaming CUDA kernels that tests/test_cuda.py does not cover: data that
+"""GPU cases for the streaming CUDA kernels that the property tests (test_correctness.py) do not cover: data that
 starts off a 16-byte boundary (partial vector slots at every run end), every odd pool size on
 shapes that cross tiles, channels_last with several groups (strided statistics runs), and the
 later PoolFormer stages, whose tiles hold several whole planes (NCHW) or 128-byte channel
@@ -9,13 +9,23 @@ import pytest
 import torch
 
 from fused_poolformer import ops
-from test_cuda import check_against_reference_and_cpu, cuda_inputs
+from helpers import check_forward_backward, make_inputs
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available"),
     pytest.mark.skipif(not ops.HAS_CUDA_KERNELS, reason="extension built without CUDA kernels"),
 ]
+
+
+def cuda_inputs(shape, dtype, channels_last, seed):
+    return make_inputs(shape, dtype, channels_last, seed=seed, device="cuda")
+
+
+def check_against_reference_and_cpu(x, kw, dtype, **opts):
+    """Forward and every gradient vs the float64 reference and vs the CPU kernels."""
+    assert x.dtype == dtype
+    check_forward_backward("cuda", x, kw, **opts)
 
 
 def off_boundary(t, elements):
