@@ -1,0 +1,263 @@
+"""Forward Triton kernels: y = res_scale * x + a * rstd * (P x - x) (docs/math.md).
+
+Two launches:
+  1. ``_statistics_kernel``: every (n, g) group is cut into a few chunks fixed by the shape;
+     each program streams its chunk (vector loads, a Welford update per lane) and writes the
+     chunk's (count, mean, M2);
+  2. ``_apply_kernel``: each program merges its group's chunk partials (Chan's formula, in a
+     fixed pairwise order), the first tile of the group writes mean and rstd, and every
+     tile writes y from the separable box sum of x - mean.
+
+The host function allocates y, mean, rstd and one workspace, and launches; it does no
+tensor arithmetic.
+"""
+
+import struct
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .common import (
+    INTERPRET,
+    Geometry,
+    autotuned,
+    divide,
+    cl_pool,
+    cl_rows_channels,
+    inv_window_count,
+    nchw_columns,
+    nchw_pool,
+    nchw_rows,
+    next_pow2,
+    pairwise_dot,
+    pairwise_sum,
+    row_taps,
+    sqrt_rn,
+    tile_c,
+    tile_coords,
+    tile_h,
+    tile_w,
+    vector_or_ones,
+)
+
+# Elements per loop step of a statistics program and the number of programs to aim for.
+# The interpreter gets tiny steps, so that the merges run on the tests' small shapes.
+_STATS_STEP = 32 if INTERPRET else 4096
+_STATS_MAX_COLS = 16 if INTERPRET else 1024
+_STATS_PROGRAMS = 8 if INTERPRET else 1024
+_STATS_MAX_PARTS = 32
+
+
+# ---------------------------------------------------------------------------------------
+# Pass 1: partial statistics.  A group is read as a ROWS x BLOCK_J matrix: NCHW (and
+# channels_last with G = 1), its contiguous elements in rows of BLOCK_J; channels_last with
+# G > 1, one row per position (row stride C) of its Cg channels, in column blocks.
+
+
+@triton.jit
+def _statistics_kernel(x_ptr, part_ptr, G, CG_V, GROUP_V, HW, ROWS, ROW_CHUNK, COL_BLOCKS, PARTS,
+                       VEC: tl.constexpr, CONTIGUOUS: tl.constexpr, BLOCK_R: tl.constexpr,
+                       BLOCK_J: tl.constexpr, WIDE: tl.constexpr):
+    ACC: tl.constexpr = part_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    ng = pid // PARTS
+    part = pid % PARTS
+    r = tl.arange(0, BLOCK_R)[:, None]
+    j = (part % COL_BLOCKS) * BLOCK_J + tl.arange(0, BLOCK_J)[None, :]
+    if WIDE:
+        r = r.to(tl.int64)
+    Cg = CG_V * VEC  # (channels_last with G > 1)
+    if CONTIGUOUS:
+        size = GROUP_V * VEC
+        base = x_ptr + ng.to(tl.int64) * size
+        row_stride = BLOCK_J
+    else:
+        C = G * Cg
+        base = x_ptr + (ng // G).to(tl.int64) * HW * C + (ng % G) * Cg
+        row_stride = C
+    row_start = (part // COL_BLOCKS) * ROW_CHUNK
+    steps = tl.cdiv(tl.minimum(row_start + ROW_CHUNK, ROWS) - row_start, BLOCK_R)
+    mean = tl.zeros([BLOCK_R, BLOCK_J], ACC)
+    m2 = tl.zeros([BLOCK_R, BLOCK_J], ACC)
+    count = tl.zeros([BLOCK_R, BLOCK_J], ACC)
+    for k in range(0, steps):
+        rows = row_start + k * BLOCK_R + r
+        if CONTIGUOUS:
+            ok = rows * BLOCK_J + j < size
+        else:
+            ok = (rows < ROWS) & (j < Cg)
+        v = tl.load(base + rows * row_stride + j, mask=ok, other=0.0).to(ACC)
+        # A lane is valid in every step before its last, so all valid lanes of step k hold
+        # k + 1 values: one reciprocal per step, not per element.
+        inv = 1.0 / (tl.zeros([], ACC) + (k + 1))
+        delta = v - mean
+        mean = tl.where(ok, mean + delta * inv, mean)
+        m2 = tl.where(ok, m2 + delta * (v - mean), m2)
+        count += ok.to(ACC)
+    total = tl.sum(tl.sum(count, axis=1), axis=0)
+    chunk_mean = divide(tl.sum(tl.sum(count * mean, axis=1), axis=0), total)
+    dev = mean - chunk_mean
+    chunk_m2 = tl.sum(tl.sum(m2 + count * dev * dev, axis=1), axis=0)
+    slots = tl.num_programs(0)
+    tl.store(part_ptr + pid, total)
+    tl.store(part_ptr + slots + pid, chunk_mean)
+    tl.store(part_ptr + 2 * slots + pid, chunk_m2)
+
+
+@triton.jit
+def merge_statistics(part_ptr, ng, PARTS, SLOTS, eps_hi, eps_lo, PARTS_P2: tl.constexpr, ACC: tl.constexpr):
+    """mean and rstd of group ng from its PARTS chunk partials (count, mean, M2), merged in
+    pairwise order (Chan): every program of the group gets the same bits."""
+    p = tl.arange(0, PARTS_P2)
+    ok = p < PARTS
+    at = ng * PARTS + p
+    count = tl.load(part_ptr + at, mask=ok, other=0.0)
+    part_mean = tl.load(part_ptr + SLOTS + at, mask=ok, other=0.0)
+    part_m2 = tl.load(part_ptr + 2 * SLOTS + at, mask=ok, other=0.0)
+    total = pairwise_sum(count)
+    mean = divide(pairwise_dot(count, part_mean), total)
+    dev = part_mean - mean
+    var = divide(pairwise_sum(tl.fma(count * dev, dev, part_m2)), total)
+    # Float arguments reach a kernel as float32: eps comes in two parts so that a float64
+    # rstd sees eps to ~48 bits.
+    eps = (tl.zeros([], ACC) + eps_hi) + eps_lo
+    return mean, divide(tl.full([], 1.0, ACC), sqrt_rn(var + eps))
+
+
+@triton.jit
+def mixer_output(x, box, inv_count, mean, coef, res):
+    """y = res * x + coef * (P(x - mean) - (x - mean)), coef = a * rstd."""
+    return res * x + coef * (box * inv_count - (x - mean))
+
+
+# ---------------------------------------------------------------------------------------
+# Pass 2: merge the statistics, write y.
+
+
+@triton.jit
+def _apply_kernel(x_ptr, y_ptr, part_ptr, mean_ptr, rstd_ptr, weight_ptr, layer_ptr, res_ptr, sample_ptr,
+                  N, G, CG_V, H, W_V, PARTS, eps_hi, eps_lo,
+                  HAS_WEIGHT: tl.constexpr, HAS_LAYER: tl.constexpr, HAS_RES: tl.constexpr,
+                  HAS_SAMPLE: tl.constexpr, PARTS_P2: tl.constexpr,
+                  VEC_C: tl.constexpr, VEC_W: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+                  RADIUS_H: tl.constexpr, RADIUS_W: tl.constexpr, HALO: tl.constexpr, WIDE: tl.constexpr,
+                  H_P2: tl.constexpr, W_P2: tl.constexpr, CG_P2: tl.constexpr, BLOCK_C: tl.constexpr,
+                  TILE_ROWS: tl.constexpr, TILE_COLS: tl.constexpr):
+    ACC: tl.constexpr = rstd_ptr.dtype.element_ty
+    TC: tl.constexpr = tile_c(CHANNELS_LAST, TILE_ROWS, BLOCK_C, H_P2, CG_P2)
+    TH: tl.constexpr = tile_h(TILE_ROWS, H_P2)
+    TW: tl.constexpr = tile_w(CHANNELS_LAST, TILE_COLS, W_P2)
+    Cg = CG_V * VEC_C
+    W = W_V * VEC_W
+    C = G * Cg
+    ng, cb, hb, wb = tile_coords(tl.program_id(0), Cg, H, W, TC, TH, TW)
+    n = ng // G
+    mean, rstd = merge_statistics(part_ptr, ng, PARTS, N * G * PARTS, eps_hi, eps_lo, PARTS_P2, ACC)
+    first = (cb == 0) & (hb == 0) & (wb == 0)
+    tl.store(mean_ptr + ng, mean, mask=first)
+    tl.store(rstd_ptr + ng, rstd, mask=first)
+    factor = rstd
+    if HAS_SAMPLE:
+        factor = factor * tl.load(sample_ptr + n).to(ACC)
+    base = n.to(tl.int64) * C * H * W
+    if CHANNELS_LAST:
+        h, row_ok, row_off, c, c_ok = cl_rows_channels(ng, cb, hb, G, Cg, H, W, C, TC, TH, WIDE)
+        coef = (vector_or_ones(weight_ptr, c, c_ok, HAS_WEIGHT, ACC)
+                * vector_or_ones(layer_ptr, c, c_ok, HAS_LAYER, ACC)) * factor
+        res = vector_or_ones(res_ptr, c, c_ok, HAS_RES, ACC)
+        w0 = wb * TW
+        taps = row_taps(row_off, h, row_ok, W * C, H, RADIUS_H, False, ACC)
+        centres, boxes = cl_pool(x_ptr + base, taps, c, c_ok, w0, C, W, mean, RADIUS_W, TW, False, ACC)
+        inv_h = inv_window_count(h, RADIUS_H, H, ACC)
+        for i in tl.static_range(TW):
+            w = w0 + i
+            out = mixer_output(centres[i], boxes[i], inv_h * inv_window_count(w, RADIUS_W, W, ACC),
+                               mean, coef, res)
+            tl.store(y_ptr + base + row_off + w * C + c, out.to(y_ptr.dtype.element_ty),
+                     mask=row_ok & c_ok & (w < W))
+    else:
+        c, h, row_ok, row_off = nchw_rows(ng, cb, hb, G, Cg, H, W, TC, TH, WIDE)
+        cols, left, right = nchw_columns(wb, TW, VEC_W, HALO, WIDE)
+        coef = (vector_or_ones(weight_ptr, c, row_ok, HAS_WEIGHT, ACC)
+                * vector_or_ones(layer_ptr, c, row_ok, HAS_LAYER, ACC)) * factor
+        res = vector_or_ones(res_ptr, c, row_ok, HAS_RES, ACC)
+        taps = row_taps(row_off, h, row_ok, W, H, RADIUS_H, False, ACC)
+        centre, box = nchw_pool(x_ptr + base, taps, cols, left, right, W, mean, RADIUS_W, False, ACC)
+        inv_count = inv_window_count(h, RADIUS_H, H, ACC) * inv_window_count(cols, RADIUS_W, W, ACC)
+        out = mixer_output(centre, box, inv_count, mean, coef, res)
+        tl.store(y_ptr + base + row_off + cols, out.to(y_ptr.dtype.element_ty), mask=row_ok & (cols < W))
+
+
+_APPLY = {cl: autotuned(_apply_kernel, cl) for cl in (False, True)}
+
+
+# ---------------------------------------------------------------------------------------
+# Host side.
+
+
+class StatisticsPlan:
+    """How the statistics pass cuts each group (fixed by the shape)."""
+
+    def __init__(self, geo: Geometry):
+        self.contiguous = not geo.channels_last or geo.G == 1
+        self.vec = geo.vec
+        size = geo.Cg * geo.H * geo.W
+        if self.contiguous:
+            self.block_j = min(next_pow2(size), _STATS_MAX_COLS)
+            self.rows = triton.cdiv(size, self.block_j)
+            self.col_blocks = 1
+        else:
+            self.block_j = min(geo.cg_p2, _STATS_MAX_COLS)
+            self.rows = geo.H * geo.W
+            self.col_blocks = triton.cdiv(geo.Cg, self.block_j)
+        self.block_j = max(self.block_j, self.vec)
+        self.block_r = min(next_pow2(self.rows), max(1, _STATS_STEP // self.block_j))
+        groups = geo.N * geo.G * self.col_blocks
+        chunks = min(_STATS_MAX_PARTS // self.col_blocks or 1, max(1, _STATS_PROGRAMS // groups),
+                     triton.cdiv(self.rows, self.block_r))
+        chunks = max(chunks, 1)
+        self.row_chunk = triton.cdiv(triton.cdiv(self.rows, chunks), self.block_r) * self.block_r
+        self.parts = triton.cdiv(self.rows, self.row_chunk) * self.col_blocks
+
+
+def _split_eps(eps: float) -> Tuple[float, float]:
+    hi = struct.unpack("f", struct.pack("f", eps))[0]
+    return hi, eps - hi
+
+
+def forward_launches(x: Tensor, y: Tensor, mean: Tensor, rstd: Tensor, workspace: Optional[Tensor],
+                     weight, layer_scale, res_scale, sample_scale, geo: Geometry, eps: float):
+    """The two launches of the forward as (kernel, grid, keyword arguments)."""
+    stats = StatisticsPlan(geo)
+    groups = geo.N * geo.G
+    eps_hi, eps_lo = _split_eps(eps)
+    placeholder = rstd
+    statistics = (_statistics_kernel, (groups * stats.parts,), dict(
+        x_ptr=x, part_ptr=workspace, G=geo.G, CG_V=geo.Cg // geo.vec_c,
+        GROUP_V=geo.Cg * geo.H * geo.W // geo.vec, HW=geo.H * geo.W, ROWS=stats.rows,
+        ROW_CHUNK=stats.row_chunk, COL_BLOCKS=stats.col_blocks, PARTS=stats.parts, VEC=geo.vec,
+        CONTIGUOUS=stats.contiguous, BLOCK_R=stats.block_r, BLOCK_J=stats.block_j, WIDE=geo.wide,
+        num_warps=8,
+    ))
+    apply_args = dict(
+        x_ptr=x, y_ptr=y, part_ptr=workspace, mean_ptr=mean, rstd_ptr=rstd,
+        weight_ptr=placeholder if weight is None else weight,
+        layer_ptr=placeholder if layer_scale is None else layer_scale,
+        res_ptr=placeholder if res_scale is None else res_scale,
+        sample_ptr=placeholder if sample_scale is None else sample_scale,
+        N=geo.N, PARTS=stats.parts, eps_hi=eps_hi, eps_lo=eps_lo,
+        HAS_WEIGHT=weight is not None, HAS_LAYER=layer_scale is not None, HAS_RES=res_scale is not None,
+        HAS_SAMPLE=sample_scale is not None, PARTS_P2=next_pow2(stats.parts), **geo.shape_args(),
+    )
+    if not geo.channels_last:
+        apply_args["TILE_COLS"] = geo.block_w
+    apply = (_APPLY[geo.channels_last], lambda meta: (geo.tile_programs(meta),), apply_args)
+    return [statistics, apply]
+
+
+def workspace_numel(geo: Geometry) -> int:
+    """Elements of the forward workspace: (count, mean, M2) of every chunk."""
+    return 3 * geo.N * geo.G * StatisticsPlan(geo).parts
