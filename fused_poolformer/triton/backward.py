@@ -8,12 +8,14 @@ weight * layer_scale and M = Cg * H * W elements per group,
 
 Two launches:
   1. ``_sums_kernel``: per tile and channel, the sums of D * dy and x * dy (D from the same
-     separable box sum as the forward), written to fixed slots (N, tiles, C);
-  2. ``_dx_kernel``: its first programs finish the parameter gradients (T[c] and sum x * dy
-     over the slots, in a fixed order, written in each parameter's dtype, dbias as zeros);
-     every other program folds S[n, g] for its group from the slots in its prologue and
-     writes a tile of dx from the adjoint box sum of dy, scaled per row and column.
-No float atomics: every sum has a fixed order, so the result is bitwise reproducible.
+     separable box sum as the forward), written to fixed slots; per group, at most eight
+     partials of S (each program loops over a chunk of its group's tiles);
+  2. ``_dx_kernel``: its first C programs finish the parameter gradients (one channel each:
+     T[c] and sum x * dy over its slots, written in each parameter's dtype, dbias as zeros);
+     every other program folds S[n, g] from its group's partials in its prologue and writes
+     a tile of dx from the adjoint box sum of dy, scaled per row and column.
+No float atomics: every sum has a fixed order, so the result is bitwise reproducible; the
+dx kernel, which is autotuned, merges with ``pairwise_sum`` only.
 """
 
 import triton
@@ -23,15 +25,14 @@ from .common import (
     INTERPRET,
     Geometry,
     autotuned,
-    divide,
     cl_pool,
     cl_rows_channels,
+    divide,
     inv_window_count,
     nchw_columns,
     nchw_pool,
     nchw_rows,
     next_pow2,
-    pairwise_dot,
     pairwise_sum,
     row_taps,
     tile_c,
@@ -41,21 +42,30 @@ from .common import (
     vector_or_ones,
 )
 
-# The sums pass is not autotuned (its slots are merged, so its tiles are fixed by the shape).
-# The interpreter gets small tiles, so that the tests' small planes have several slots.
+# The sums pass is not autotuned (its partial sums are merged, so its tiles are fixed by the
+# shape).  The interpreter gets small tiles, so that the tests' small planes have several.
 _SUMS_TILE_ELEMENTS = 128 if INTERPRET else 4096
 _SUMS_CL_TILE = (8, 8)  # rows, columns
-_PARAM_BLOCK_C = 32  # channels per parameter-gradient program
-_PARAM_BLOCK_ROWS = 64  # (sample, slot) rows per step of a parameter-gradient program
-_FOLD_BLOCK = 2048  # elements per step of the S[n, g] fold
+_SUMS_PROGRAMS = 8 if INTERPRET else 1024
+# Every dx program folds its group's S partials (each thread loads them all), so a group
+# has at most this many: the sums programs of a group each loop over a chunk of its tiles.
+MAX_PARTS = 8
+_PARAM_ROWS = 256  # (sample, slot) partials per step of a parameter-gradient program
 
 
 # ---------------------------------------------------------------------------------------
-# Pass 1: per (tile, channel) sums of D * dy and x * dy.
+# Pass 1: per-tile sums.  Program (n, g, k) loops over the k-th chunk of group (n, g)'s
+# tiles; for each tile and channel c it writes
+#     part_t[c, n, slot] = rstd * sample_scale * sum(D * dy)      (T[c] once summed)
+#     part_x[c, n, slot] = sum(x * dy)                              (dres_scale)
+# (slot = the tile's place in the plane), and at the end
+#     part_s[n, g, k]    = sum over its tiles and channels of a * D * dy.
 
 
 @triton.jit
-def _sums_kernel(x_ptr, dy_ptr, mean_ptr, part_d_ptr, part_x_ptr, G, CG_V, H, W_V,
+def _sums_kernel(x_ptr, dy_ptr, mean_ptr, rstd_ptr, weight_ptr, layer_ptr, sample_ptr,
+                 part_t_ptr, part_x_ptr, part_s_ptr, N, G, CG_V, H, W_V, PARTS,
+                 HAS_WEIGHT: tl.constexpr, HAS_LAYER: tl.constexpr, HAS_SAMPLE: tl.constexpr,
                  VEC_C: tl.constexpr, VEC_W: tl.constexpr, CHANNELS_LAST: tl.constexpr,
                  RADIUS_H: tl.constexpr, RADIUS_W: tl.constexpr, HALO: tl.constexpr, WIDE: tl.constexpr,
                  H_P2: tl.constexpr, W_P2: tl.constexpr, CG_P2: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -67,46 +77,66 @@ def _sums_kernel(x_ptr, dy_ptr, mean_ptr, part_d_ptr, part_x_ptr, G, CG_V, H, W_
     Cg = CG_V * VEC_C
     W = W_V * VEC_W
     C = G * Cg
-    ng, cb, hb, wb = tile_coords(tl.program_id(0), Cg, H, W, TC, TH, TW)
+    pid = tl.program_id(0)
+    ng = pid // PARTS
+    k = pid % PARTS
     n = ng // G
     mean = tl.load(mean_ptr + ng)
+    sample = tl.full([], 1.0, ACC)
+    if HAS_SAMPLE:
+        sample = tl.load(sample_ptr + n).to(ACC)
+    t_factor = tl.load(rstd_ptr + ng) * sample
     base = n.to(tl.int64) * C * H * W
-    slots = tl.cdiv(H, TH) * tl.cdiv(W, TW)
-    slot_base = (n.to(tl.int64) * slots + hb * tl.cdiv(W, TW) + wb) * C
-    if CHANNELS_LAST:
-        h, row_ok, row_off, c, c_ok = cl_rows_channels(ng, cb, hb, G, Cg, H, W, C, TC, TH, WIDE)
-        w0 = wb * TW
-        taps = row_taps(row_off, h, row_ok, W * C, H, RADIUS_H, False, ACC)
-        centres, boxes = cl_pool(x_ptr + base, taps, c, c_ok, w0, C, W, mean, RADIUS_W, TW, False, ACC)
-        inv_h = inv_window_count(h, RADIUS_H, H, ACC)
-        sum_d = tl.zeros([TC], ACC)
-        sum_x = tl.zeros([TC], ACC)
-        for i in tl.static_range(TW):
-            w = w0 + i
-            ok = row_ok & c_ok & (w < W)
-            dy = tl.load(dy_ptr + base + row_off + w * C + c, mask=ok, other=0.0).to(ACC)
-            d = boxes[i] * (inv_h * inv_window_count(w, RADIUS_W, W, ACC)) - (centres[i] - mean)
-            sum_d += tl.sum(tl.where(ok, d * dy, 0.0), axis=0)
-            sum_x += tl.sum(centres[i] * dy, axis=0)
-        channel = tl.reshape(c, [TC])
-        tl.store(part_d_ptr + slot_base + channel, sum_d, mask=tl.reshape(c_ok, [TC]))
-        tl.store(part_x_ptr + slot_base + channel, sum_x, mask=tl.reshape(c_ok, [TC]))
-    else:
-        c, h, row_ok, row_off = nchw_rows(ng, cb, hb, G, Cg, H, W, TC, TH, WIDE)
-        cols, left, right = nchw_columns(wb, TW, VEC_W, HALO, WIDE)
-        taps = row_taps(row_off, h, row_ok, W, H, RADIUS_H, False, ACC)
-        centre, box = nchw_pool(x_ptr + base, taps, cols, left, right, W, mean, RADIUS_W, False, ACC)
-        ok = row_ok & (cols < W)
-        dy = tl.load(dy_ptr + base + row_off + cols, mask=ok, other=0.0).to(ACC)
-        inv_count = inv_window_count(h, RADIUS_H, H, ACC) * inv_window_count(cols, RADIUS_W, W, ACC)
-        d = box * inv_count - (centre - mean)
-        # Rows are TC planes of TH rows: per-channel sums over each plane's rows and columns.
-        sum_d = tl.sum(tl.reshape(tl.where(ok, d * dy, 0.0), [TC, TH * TW]), axis=1)
-        sum_x = tl.sum(tl.reshape(centre * dy, [TC, TH * TW]), axis=1)
-        c_in_group = cb * TC + tl.arange(0, TC)
-        channel = (ng % G) * Cg + c_in_group
-        tl.store(part_d_ptr + slot_base + channel, sum_d, mask=c_in_group < Cg)
-        tl.store(part_x_ptr + slot_base + channel, sum_x, mask=c_in_group < Cg)
+    tiles_w = tl.cdiv(W, TW)
+    slots = tl.cdiv(H, TH) * tiles_w
+    tiles = tl.cdiv(Cg, TC) * slots
+    per_part = tl.cdiv(tiles, PARTS)
+    rows = N * slots  # partials per channel in part_t and part_x
+    group_sum = tl.zeros([], ACC)
+    for q in range(k * per_part, tl.minimum((k + 1) * per_part, tiles)):
+        cb = q // slots
+        slot = q % slots
+        hb = slot // tiles_w
+        wb = slot % tiles_w
+        if CHANNELS_LAST:
+            h, row_ok, row_off, c, c_ok = cl_rows_channels(ng, cb, hb, G, Cg, H, W, C, TC, TH, WIDE)
+            w0 = wb * TW
+            taps = row_taps(row_off, h, row_ok, W * C, H, RADIUS_H, False, ACC)
+            centres, boxes = cl_pool(x_ptr + base, taps, c, c_ok, w0, C, W, mean, RADIUS_W, TW, False, ACC)
+            inv_h = inv_window_count(h, RADIUS_H, H, ACC)
+            sum_d = tl.zeros([TC], ACC)
+            sum_x = tl.zeros([TC], ACC)
+            for i in tl.static_range(TW):
+                w = w0 + i
+                ok = row_ok & c_ok & (w < W)
+                dy = tl.load(dy_ptr + base + row_off + w * C + c, mask=ok, other=0.0).to(ACC)
+                d = boxes[i] * (inv_h * inv_window_count(w, RADIUS_W, W, ACC)) - (centres[i] - mean)
+                sum_d += tl.sum(tl.where(ok, d * dy, 0.0), axis=0)
+                sum_x += tl.sum(centres[i] * dy, axis=0)
+            channel = tl.reshape(c, [TC])
+            channel_ok = tl.reshape(c_ok, [TC])
+        else:
+            c, h, row_ok, row_off = nchw_rows(ng, cb, hb, G, Cg, H, W, TC, TH, WIDE)
+            cols, left, right = nchw_columns(wb, TW, VEC_W, HALO, WIDE)
+            taps = row_taps(row_off, h, row_ok, W, H, RADIUS_H, False, ACC)
+            centre, box = nchw_pool(x_ptr + base, taps, cols, left, right, W, mean, RADIUS_W, False, ACC)
+            ok = row_ok & (cols < W)
+            dy = tl.load(dy_ptr + base + row_off + cols, mask=ok, other=0.0).to(ACC)
+            inv_count = inv_window_count(h, RADIUS_H, H, ACC) * inv_window_count(cols, RADIUS_W, W, ACC)
+            d = box * inv_count - (centre - mean)
+            # Rows are TC planes of TH rows: per-channel sums over each plane's rows and columns.
+            sum_d = tl.sum(tl.reshape(tl.where(ok, d * dy, 0.0), [TC, TH * TW]), axis=1)
+            sum_x = tl.sum(tl.reshape(centre * dy, [TC, TH * TW]), axis=1)
+            c_in_group = cb * TC + tl.arange(0, TC)
+            channel = (ng % G) * Cg + c_in_group
+            channel_ok = c_in_group < Cg
+        at = channel.to(tl.int64) * rows + n * slots + slot
+        tl.store(part_t_ptr + at, t_factor * sum_d, mask=channel_ok)
+        tl.store(part_x_ptr + at, sum_x, mask=channel_ok)
+        factor = vector_or_ones(weight_ptr, channel, channel_ok, HAS_WEIGHT, ACC) * vector_or_ones(
+            layer_ptr, channel, channel_ok, HAS_LAYER, ACC)
+        group_sum += tl.sum(tl.where(channel_ok, factor * sum_d, 0.0), axis=0)
+    tl.store(part_s_ptr + pid, sample * group_sum)
 
 
 # ---------------------------------------------------------------------------------------
@@ -114,61 +144,34 @@ def _sums_kernel(x_ptr, dy_ptr, mean_ptr, part_d_ptr, part_x_ptr, G, CG_V, H, W_
 
 
 @triton.jit
-def _group_fold(part_d_ptr, weight_ptr, layer_ptr, n, g, Cg, C, SLOTS, HAS_WEIGHT: tl.constexpr,
-                HAS_LAYER: tl.constexpr, FOLD_C: tl.constexpr, FOLD_T: tl.constexpr, ACC: tl.constexpr):
-    """sum over the group's channels c of weight * layer_scale * (sum over slots of D * dy),
-    in a fixed pairwise order."""
-    total = tl.zeros([], ACC)
-    for c0 in range(0, Cg, FOLD_C):
-        c_in_group = c0 + tl.arange(0, FOLD_C)
-        c_ok = c_in_group < Cg
-        c = g * Cg + c_in_group
-        per_channel = tl.zeros([FOLD_C], ACC)
-        for t0 in range(0, SLOTS, FOLD_T):
-            t = t0 + tl.arange(0, FOLD_T)[None, :]
-            at = (n.to(tl.int64) * SLOTS + t) * C + c[:, None]
-            per_channel += pairwise_sum(tl.load(part_d_ptr + at, mask=c_ok[:, None] & (t < SLOTS), other=0.0))
-        factor = vector_or_ones(weight_ptr, c, c_ok, HAS_WEIGHT, ACC) * vector_or_ones(
-            layer_ptr, c, c_ok, HAS_LAYER, ACC)
-        total += pairwise_dot(factor, per_channel)
-    return total
-
-
-@triton.jit
-def _parameter_gradients(program, part_d_ptr, part_x_ptr, rstd_ptr, weight_ptr, layer_ptr, sample_ptr,
-                         dweight_ptr, dbias_ptr, dlayer_ptr, dres_ptr, N, G, Cg, C, SLOTS,
-                         HAS_WEIGHT: tl.constexpr, HAS_LAYER: tl.constexpr, HAS_SAMPLE: tl.constexpr,
+def _parameter_gradients(c, part_t_ptr, part_x_ptr, weight_ptr, layer_ptr, dweight_ptr, dbias_ptr, dlayer_ptr,
+                         dres_ptr, ROWS, HAS_WEIGHT: tl.constexpr, HAS_LAYER: tl.constexpr,
                          WANT_DW: tl.constexpr, WANT_DB: tl.constexpr, WANT_DLS: tl.constexpr,
-                         WANT_DRES: tl.constexpr, BLOCK_PC: tl.constexpr, BLOCK_NT: tl.constexpr,
-                         ACC: tl.constexpr):
-    """Channels [program * BLOCK_PC, +BLOCK_PC): T[c] = sum over (n, slot) of rstd *
-    sample_scale * (D dy partial) and sum of the x dy partials, in a fixed order."""
-    c = program * BLOCK_PC + tl.arange(0, BLOCK_PC)
-    c_ok = c < C
-    g = c // Cg
-    t_sum = tl.zeros([BLOCK_PC], ACC)
-    x_sum = tl.zeros([BLOCK_PC], ACC)
-    rows = N * SLOTS
-    for i0 in range(0, rows, BLOCK_NT):
-        i = i0 + tl.arange(0, BLOCK_NT)[None, :]
-        ok = c_ok[:, None] & (i < rows)
-        at = i.to(tl.int64) * C + c[:, None]
-        n = i // SLOTS
-        factor = tl.load(rstd_ptr + n * G + g[:, None], mask=ok, other=0.0)
-        if HAS_SAMPLE:
-            factor = factor * tl.load(sample_ptr + n, mask=i < rows, other=0.0).to(ACC)
-        t_sum += pairwise_dot(factor, tl.load(part_d_ptr + at, mask=ok, other=0.0))
-        x_sum += pairwise_sum(tl.load(part_x_ptr + at, mask=ok, other=0.0))
+                         WANT_DRES: tl.constexpr, BLOCK_ROWS: tl.constexpr, ACC: tl.constexpr):
+    """Channel c: T[c] and sum x * dy from its ROWS partials (contiguous), in pairwise order
+    within a step of BLOCK_ROWS and in sequence across steps; then the requested gradients,
+    each in its parameter's dtype, and zeros for the bias."""
+    t_sum = tl.zeros([], ACC)
+    x_sum = tl.zeros([], ACC)
+    for r0 in range(0, ROWS, BLOCK_ROWS):
+        r = r0 + tl.arange(0, BLOCK_ROWS)
+        at = c.to(tl.int64) * ROWS + r
+        t_sum += pairwise_sum(tl.load(part_t_ptr + at, mask=r < ROWS, other=0.0))
+        x_sum += pairwise_sum(tl.load(part_x_ptr + at, mask=r < ROWS, other=0.0))
     if WANT_DW:
-        dw = vector_or_ones(layer_ptr, c, c_ok, HAS_LAYER, ACC) * t_sum
-        tl.store(dweight_ptr + c, dw.to(dweight_ptr.dtype.element_ty), mask=c_ok)
+        dw = t_sum
+        if HAS_LAYER:
+            dw = tl.load(layer_ptr + c).to(ACC) * t_sum
+        tl.store(dweight_ptr + c, dw.to(dweight_ptr.dtype.element_ty))
     if WANT_DLS:
-        dls = vector_or_ones(weight_ptr, c, c_ok, HAS_WEIGHT, ACC) * t_sum
-        tl.store(dlayer_ptr + c, dls.to(dlayer_ptr.dtype.element_ty), mask=c_ok)
+        dls = t_sum
+        if HAS_WEIGHT:
+            dls = tl.load(weight_ptr + c).to(ACC) * t_sum
+        tl.store(dlayer_ptr + c, dls.to(dlayer_ptr.dtype.element_ty))
     if WANT_DRES:
-        tl.store(dres_ptr + c, x_sum.to(dres_ptr.dtype.element_ty), mask=c_ok)
+        tl.store(dres_ptr + c, x_sum.to(dres_ptr.dtype.element_ty))
     if WANT_DB:
-        tl.store(dbias_ptr + c, tl.zeros([BLOCK_PC], dbias_ptr.dtype.element_ty), mask=c_ok)
+        tl.store(dbias_ptr + c, tl.zeros([], dbias_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -178,13 +181,13 @@ def dx_output(dy, pooled_t, x, mean, coef, res, corr):
 
 
 @triton.jit
-def _dx_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, part_d_ptr, part_x_ptr,
+def _dx_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, part_t_ptr, part_x_ptr, part_s_ptr,
                weight_ptr, layer_ptr, res_ptr, sample_ptr, dweight_ptr, dbias_ptr, dlayer_ptr, dres_ptr,
-               N, G, CG_V, H, W_V, SLOTS, PARAM_PROGRAMS,
+               N, G, CG_V, H, W_V, PARTS, ROWS, PARAM_PROGRAMS,
                HAS_WEIGHT: tl.constexpr, HAS_LAYER: tl.constexpr, HAS_RES: tl.constexpr,
                HAS_SAMPLE: tl.constexpr, WANT_DW: tl.constexpr, WANT_DB: tl.constexpr,
                WANT_DLS: tl.constexpr, WANT_DRES: tl.constexpr, WRITE_DX: tl.constexpr,
-               FOLD_C: tl.constexpr, FOLD_T: tl.constexpr, BLOCK_PC: tl.constexpr, BLOCK_NT: tl.constexpr,
+               PARTS_P2: tl.constexpr, PARAM_ROWS: tl.constexpr,
                VEC_C: tl.constexpr, VEC_W: tl.constexpr, CHANNELS_LAST: tl.constexpr,
                RADIUS_H: tl.constexpr, RADIUS_W: tl.constexpr, HALO: tl.constexpr, WIDE: tl.constexpr,
                H_P2: tl.constexpr, W_P2: tl.constexpr, CG_P2: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -194,28 +197,26 @@ def _dx_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, part_d_ptr, part_x_ptr
     W = W_V * VEC_W
     C = G * Cg
     pid = tl.program_id(0)
-    # The parameter programs come first, so that they start early and overlap the tiles.
+    # One program per channel for the parameter gradients, first, so that they start early
+    # and overlap the tiles.
     if pid < PARAM_PROGRAMS:
-        _parameter_gradients(pid, part_d_ptr, part_x_ptr, rstd_ptr, weight_ptr, layer_ptr, sample_ptr,
-                             dweight_ptr, dbias_ptr, dlayer_ptr, dres_ptr, N, G, Cg, C, SLOTS,
-                             HAS_WEIGHT, HAS_LAYER, HAS_SAMPLE, WANT_DW, WANT_DB, WANT_DLS, WANT_DRES,
-                             BLOCK_PC, BLOCK_NT, ACC)
+        _parameter_gradients(pid, part_t_ptr, part_x_ptr, weight_ptr, layer_ptr, dweight_ptr, dbias_ptr,
+                             dlayer_ptr, dres_ptr, ROWS, HAS_WEIGHT, HAS_LAYER, WANT_DW, WANT_DB, WANT_DLS,
+                             WANT_DRES, PARAM_ROWS, ACC)
     elif WRITE_DX:
         TC: tl.constexpr = tile_c(CHANNELS_LAST, TILE_ROWS, BLOCK_C, H_P2, CG_P2)
         TH: tl.constexpr = tile_h(TILE_ROWS, H_P2)
         TW: tl.constexpr = tile_w(CHANNELS_LAST, TILE_COLS, W_P2)
         ng, cb, hb, wb = tile_coords(pid - PARAM_PROGRAMS, Cg, H, W, TC, TH, TW)
         n = ng // G
-        g = ng % G
         mean = tl.load(mean_ptr + ng)
         rstd = tl.load(rstd_ptr + ng)
-        sample = tl.full([], 1.0, ACC)
-        if HAS_SAMPLE:
-            sample = tl.load(sample_ptr + n).to(ACC)
-        group_sum = sample * _group_fold(part_d_ptr, weight_ptr, layer_ptr, n, g, Cg, C, SLOTS, HAS_WEIGHT,
-                                         HAS_LAYER, FOLD_C, FOLD_T, ACC)
+        p = tl.arange(0, PARTS_P2)
+        group_sum = pairwise_sum(tl.load(part_s_ptr + ng * PARTS + p, mask=p < PARTS, other=0.0))
         corr = divide(rstd * rstd * rstd * group_sum, (Cg * H * W).to(ACC))
-        factor = sample * rstd
+        factor = rstd
+        if HAS_SAMPLE:
+            factor = factor * tl.load(sample_ptr + n).to(ACC)
         base = n.to(tl.int64) * C * H * W
         if CHANNELS_LAST:
             h, row_ok, row_off, c, c_ok = cl_rows_channels(ng, cb, hb, G, Cg, H, W, C, TC, TH, WIDE)
@@ -254,21 +255,25 @@ _DX = {cl: autotuned(_dx_kernel, cl) for cl in (False, True)}
 # Host side.
 
 
-def sums_tile(geo: Geometry):
-    """(TILE_ROWS, TILE_COLS) of the sums pass: fixed by the shape, never autotuned."""
-    if geo.channels_last:
-        return _SUMS_CL_TILE
-    return max(1, _SUMS_TILE_ELEMENTS // geo.block_w), geo.block_w
+class SumsPlan:
+    """Tiles of the sums pass and how each group's tiles are shared among its programs
+    (fixed by the shape)."""
 
-
-def slots_per_sample(geo: Geometry) -> int:
-    """Spatial tiles of the sums pass per channel plane: the partial-sum slots."""
-    return geo.tiles_per_sample(*sums_tile(geo))[1]
+    def __init__(self, geo: Geometry):
+        if geo.channels_last:
+            self.tile_rows, self.tile_cols = _SUMS_CL_TILE
+        else:
+            self.tile_rows, self.tile_cols = max(1, _SUMS_TILE_ELEMENTS // geo.block_w), geo.block_w
+        tiles, self.slots = geo.tiles_per_sample(self.tile_rows, self.tile_cols)
+        self.parts = max(1, min(MAX_PARTS, tiles, _SUMS_PROGRAMS // (geo.N * geo.G)))
+        self.rows = geo.N * self.slots  # partials per channel of T and sum x * dy
 
 
 def workspace_numel(geo: Geometry) -> int:
-    """Elements of the backward workspace: the D * dy and x * dy slots."""
-    return 2 * geo.N * slots_per_sample(geo) * geo.C
+    """Elements of the backward workspace: the T and x * dy partials of every channel and
+    the S partials of every group."""
+    plan = SumsPlan(geo)
+    return 2 * geo.C * plan.rows + geo.N * geo.G * plan.parts
 
 
 def backward_launches(x, dy, dx, mean, rstd, workspace, weight, layer_scale, res_scale, sample_scale,
@@ -276,36 +281,37 @@ def backward_launches(x, dy, dx, mean, rstd, workspace, weight, layer_scale, res
     """The two launches of the backward as (kernel, grid, keyword arguments).  ``grads`` holds
     (dweight, dbias, dlayer_scale, dres_scale), None where not asked for; dx is None when
     not asked for."""
-    rows, cols = sums_tile(geo)
-    slots = slots_per_sample(geo)
-    partial = geo.N * slots * geo.C
-    part_d, part_x = workspace[:partial], workspace[partial:]
+    plan = SumsPlan(geo)
+    channel_partials = geo.C * plan.rows
+    part_t = workspace[:channel_partials]
+    part_x = workspace[channel_partials:2 * channel_partials]
+    part_s = workspace[2 * channel_partials:]
     shape = geo.shape_args()
-    sums = (_sums_kernel, (geo.tile_programs(dict(TILE_ROWS=rows, TILE_COLS=cols)),), dict(
-        x_ptr=x, dy_ptr=dy, mean_ptr=mean, part_d_ptr=part_d, part_x_ptr=part_x, **shape,
-        TILE_ROWS=rows, TILE_COLS=cols, num_warps=8,
-    ))
     placeholder = rstd
-    dweight, dbias, dlayer, dres = grads
-    param_programs = triton.cdiv(geo.C, _PARAM_BLOCK_C) if any(g is not None for g in grads) else 0
-    fold_c = min(geo.cg_p2, _FOLD_BLOCK)
-    dx_args = dict(
-        x_ptr=x, dy_ptr=dy, dx_ptr=placeholder if dx is None else dx, mean_ptr=mean, rstd_ptr=rstd,
-        part_d_ptr=part_d, part_x_ptr=part_x,
+    vectors = dict(
         weight_ptr=placeholder if weight is None else weight,
         layer_ptr=placeholder if layer_scale is None else layer_scale,
-        res_ptr=placeholder if res_scale is None else res_scale,
         sample_ptr=placeholder if sample_scale is None else sample_scale,
+        HAS_WEIGHT=weight is not None, HAS_LAYER=layer_scale is not None, HAS_SAMPLE=sample_scale is not None,
+    )
+    sums = (_sums_kernel, (geo.N * geo.G * plan.parts,), dict(
+        x_ptr=x, dy_ptr=dy, mean_ptr=mean, rstd_ptr=rstd, part_t_ptr=part_t, part_x_ptr=part_x,
+        part_s_ptr=part_s, N=geo.N, PARTS=plan.parts, **vectors, **shape,
+        TILE_ROWS=plan.tile_rows, TILE_COLS=plan.tile_cols, num_warps=8,
+    ))
+    dweight, dbias, dlayer, dres = grads
+    param_programs = geo.C if any(g is not None for g in grads) else 0
+    dx_args = dict(
+        x_ptr=x, dy_ptr=dy, dx_ptr=placeholder if dx is None else dx, mean_ptr=mean, rstd_ptr=rstd,
+        part_t_ptr=part_t, part_x_ptr=part_x, part_s_ptr=part_s, res_ptr=placeholder if res_scale is None else res_scale,
         dweight_ptr=placeholder if dweight is None else dweight,
         dbias_ptr=placeholder if dbias is None else dbias,
         dlayer_ptr=placeholder if dlayer is None else dlayer,
         dres_ptr=placeholder if dres is None else dres,
-        N=geo.N, SLOTS=slots, PARAM_PROGRAMS=param_programs,
-        HAS_WEIGHT=weight is not None, HAS_LAYER=layer_scale is not None, HAS_RES=res_scale is not None,
-        HAS_SAMPLE=sample_scale is not None, WANT_DW=dweight is not None, WANT_DB=dbias is not None,
+        N=geo.N, PARTS=plan.parts, ROWS=plan.rows, PARAM_PROGRAMS=param_programs,
+        HAS_RES=res_scale is not None, WANT_DW=dweight is not None, WANT_DB=dbias is not None,
         WANT_DLS=dlayer is not None, WANT_DRES=dres is not None, WRITE_DX=dx is not None,
-        FOLD_C=fold_c, FOLD_T=min(next_pow2(slots), max(1, _FOLD_BLOCK // fold_c)),
-        BLOCK_PC=_PARAM_BLOCK_C, BLOCK_NT=min(next_pow2(geo.N * slots), _PARAM_BLOCK_ROWS), **shape,
+        PARTS_P2=next_pow2(plan.parts), PARAM_ROWS=min(next_pow2(plan.rows), _PARAM_ROWS), **vectors, **shape,
     )
     if not geo.channels_last:
         dx_args["TILE_COLS"] = geo.block_w

@@ -130,7 +130,7 @@ def row_taps(row_off, h, row_ok, ROW_STEP, H, RADIUS_H: tl.constexpr, ADJOINT: t
     once per tile and shared by every column."""
     taps = ()
     for i in tl.static_range(2 * RADIUS_H + 1):
-        dh: tl.constexpr = (i + 1) // 2 * (1 if i % 2 == 0 else -1)
+        dh = (i + 1) // 2 * (1 if i % 2 == 0 else -1)
         if dh == 0:
             ok = row_ok
         else:

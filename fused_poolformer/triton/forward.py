@@ -48,7 +48,10 @@ from .common import (
 _STATS_STEP = 32 if INTERPRET else 4096
 _STATS_MAX_COLS = 16 if INTERPRET else 1024
 _STATS_PROGRAMS = 8 if INTERPRET else 1024
-_STATS_MAX_PARTS = 32
+# Every apply program merges its group's partials (each thread loads them all: one 16-byte
+# record per partial), so a group has at most this many.
+MAX_PARTS = 8
+RECORD = 4  # (count, mean, M2, unused): one vector load per partial
 
 
 # ---------------------------------------------------------------------------------------
@@ -101,22 +104,21 @@ def _statistics_kernel(x_ptr, part_ptr, G, CG_V, GROUP_V, HW, ROWS, ROW_CHUNK, C
     chunk_mean = divide(tl.sum(tl.sum(count * mean, axis=1), axis=0), total)
     dev = mean - chunk_mean
     chunk_m2 = tl.sum(tl.sum(m2 + count * dev * dev, axis=1), axis=0)
-    slots = tl.num_programs(0)
-    tl.store(part_ptr + pid, total)
-    tl.store(part_ptr + slots + pid, chunk_mean)
-    tl.store(part_ptr + 2 * slots + pid, chunk_m2)
+    field = tl.arange(0, 4)
+    record = tl.where(field == 0, total, tl.where(field == 1, chunk_mean, tl.where(field == 2, chunk_m2, 0.0)))
+    tl.store(part_ptr + pid * 4 + field, record)
 
 
 @triton.jit
-def merge_statistics(part_ptr, ng, PARTS, SLOTS, eps_hi, eps_lo, PARTS_P2: tl.constexpr, ACC: tl.constexpr):
-    """mean and rstd of group ng from its PARTS chunk partials (count, mean, M2), merged in
-    pairwise order (Chan): every program of the group gets the same bits."""
-    p = tl.arange(0, PARTS_P2)
-    ok = p < PARTS
-    at = ng * PARTS + p
-    count = tl.load(part_ptr + at, mask=ok, other=0.0)
-    part_mean = tl.load(part_ptr + SLOTS + at, mask=ok, other=0.0)
-    part_m2 = tl.load(part_ptr + 2 * SLOTS + at, mask=ok, other=0.0)
+def merge_statistics(part_ptr, ng, PARTS, eps_hi, eps_lo, PARTS_P2: tl.constexpr, ACC: tl.constexpr):
+    """mean and rstd of group ng from its PARTS chunk records (count, mean, M2, -), merged
+    in pairwise order (Chan): every program of the group gets the same bits."""
+    p = tl.arange(0, PARTS_P2)[:, None]
+    field = tl.arange(0, 4)[None, :]
+    records = tl.load(part_ptr + (ng * PARTS + p) * 4 + field, mask=(p < PARTS) & (field < 4), other=0.0)
+    count_m2, mean_unused = tl.split(tl.reshape(records, [PARTS_P2, 2, 2]))
+    count, part_m2 = tl.split(count_m2)
+    part_mean, _ = tl.split(mean_unused)
     total = pairwise_sum(count)
     mean = divide(pairwise_dot(count, part_mean), total)
     dev = part_mean - mean
@@ -155,7 +157,7 @@ def _apply_kernel(x_ptr, y_ptr, part_ptr, mean_ptr, rstd_ptr, weight_ptr, layer_
     C = G * Cg
     ng, cb, hb, wb = tile_coords(tl.program_id(0), Cg, H, W, TC, TH, TW)
     n = ng // G
-    mean, rstd = merge_statistics(part_ptr, ng, PARTS, N * G * PARTS, eps_hi, eps_lo, PARTS_P2, ACC)
+    mean, rstd = merge_statistics(part_ptr, ng, PARTS, eps_hi, eps_lo, PARTS_P2, ACC)
     first = (cb == 0) & (hb == 0) & (wb == 0)
     tl.store(mean_ptr + ng, mean, mask=first)
     tl.store(rstd_ptr + ng, rstd, mask=first)
@@ -216,7 +218,7 @@ class StatisticsPlan:
         self.block_j = max(self.block_j, self.vec)
         self.block_r = min(next_pow2(self.rows), max(1, _STATS_STEP // self.block_j))
         groups = geo.N * geo.G * self.col_blocks
-        chunks = min(_STATS_MAX_PARTS // self.col_blocks or 1, max(1, _STATS_PROGRAMS // groups),
+        chunks = min(MAX_PARTS // self.col_blocks or 1, max(1, _STATS_PROGRAMS // groups),
                      triton.cdiv(self.rows, self.block_r))
         chunks = max(chunks, 1)
         self.row_chunk = triton.cdiv(triton.cdiv(self.rows, chunks), self.block_r) * self.block_r
@@ -259,5 +261,5 @@ def forward_launches(x: Tensor, y: Tensor, mean: Tensor, rstd: Tensor, workspace
 
 
 def workspace_numel(geo: Geometry) -> int:
-    """Elements of the forward workspace: (count, mean, M2) of every chunk."""
-    return 3 * geo.N * geo.G * StatisticsPlan(geo).parts
+    """Elements of the forward workspace: a (count, mean, M2, -) record per chunk."""
+    return RECORD * geo.N * geo.G * StatisticsPlan(geo).parts
