@@ -69,6 +69,7 @@ class KernelReport:
     ptx_stores: Dict[str, int] = field(default_factory=dict)
     sass_ldg128: int = 0
     sass_stg128: int = 0
+    sass_instructions: int = 0  # static count (the tile kernels have no loops but the fold's)
 
     def vector_loads(self) -> int:
         return sum(n for kind, n in self.ptx_loads.items() if kind.startswith("v"))
@@ -157,9 +158,10 @@ def _machine_code_facts(ptx: str):
     registers = int(re.search(r"Used (\d+) registers", log).group(1))
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
     stack = re.search(r"(\d+) bytes stack frame", log)
+    instructions = len(re.findall(r"^\s+/\*[0-9a-f]{4}\*/\s+(?!NOP\b)[A-Z@]", sass, re.M))
     return (registers, int(spills.group(1)) + int(spills.group(2)), int(stack.group(1)),
             len(re.findall(r"\bLDG\.E\.(?:EL\.|LTC\w+\.)*128\b", sass)),
-            len(re.findall(r"\bSTG\.E\.(?:EL\.|LTC\w+\.)*128\b", sass)))
+            len(re.findall(r"\bSTG\.E\.(?:EL\.|LTC\w+\.)*128\b", sass)), instructions)
 
 
 def _kernel_name(kernel) -> str:
@@ -167,23 +169,25 @@ def _kernel_name(kernel) -> str:
 
 
 def compile_case(case: Case, target: GPUTarget, all_configs: bool = True) -> List[KernelReport]:
-    """Compile every kernel (every autotuning configuration unless all_configs=False) of a case."""
+    """Compile every kernel of a case: each autotuning configuration that survives pruning
+    for the case's shape (the first only, with all_configs=False)."""
     reports = []
     for kernel, _, kwargs in launches(case):
         if isinstance(kernel, Autotuner):
-            configs = kernel.configs if all_configs else kernel.configs[:1]
+            configs = kernel.early_config_prune(kernel.configs, {}, **kwargs)
+            configs = configs if all_configs else configs[:1]
             variants = [(kernel.fn, {**kwargs, **cfg.all_kwargs()}, str(cfg)) for cfg in configs]
         else:
             variants = [(kernel, dict(kwargs), f"num_warps: {kwargs.get('num_warps', 4)}")]
         for fn, kw, label in variants:
             compiled = _compile(fn, kw, target)
             ptx = compiled.asm["ptx"]
-            regs, spills, stack, ldg128, stg128 = _machine_code_facts(ptx)
+            regs, spills, stack, ldg128, stg128, instructions = _machine_code_facts(ptx)
             reports.append(KernelReport(
                 case=case.name, kernel=_kernel_name(kernel), config=label, registers=regs, spill_bytes=spills,
                 stack_bytes=stack, shared_bytes=int(getattr(compiled.metadata, "shared", 0)),
                 ptx_loads=_count_accesses(ptx, "ld"), ptx_stores=_count_accesses(ptx, "st"),
-                sass_ldg128=ldg128, sass_stg128=stg128,
+                sass_ldg128=ldg128, sass_stg128=stg128, sass_instructions=instructions,
             ))
     return reports
 
@@ -207,7 +211,7 @@ def main(argv=None) -> int:
             else:
                 print(f"{r.case:34s} {r.kernel:20s} {r.config:44s} regs {r.registers:3d} spill {r.spill_bytes} "
                       f"smem {r.shared_bytes:5d} vld {r.vector_loads():3d} vst {r.vector_stores():3d} "
-                      f"LDG.128 {r.sass_ldg128:3d} STG.128 {r.sass_stg128:3d}", flush=True)
+                      f"LDG.128 {r.sass_ldg128:3d} STG.128 {r.sass_stg128:3d} SASS {r.sass_instructions:5d}", flush=True)
     return 0
 
 

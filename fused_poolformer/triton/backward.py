@@ -25,6 +25,7 @@ from .common import (
     INTERPRET,
     Geometry,
     autotuned,
+    fitting_tiles,
     cl_pool,
     cl_rows_channels,
     divide,
@@ -45,7 +46,12 @@ from .common import (
 # The sums pass is not autotuned (its partial sums are merged, so its tiles are fixed by the
 # shape).  The interpreter gets small tiles, so that the tests' small planes have several.
 _SUMS_TILE_ELEMENTS = 128 if INTERPRET else 4096
-_SUMS_CL_TILE = (8, 8)  # rows, columns
+_SUMS_WARPS = 8
+# channels_last sums tiles, most preferred first: (rows, columns, channels).
+_SUMS_CL_TILES = [(8, 8, 64)] if INTERPRET else [
+    (32, 8, 64), (16, 8, 128), (16, 8, 64), (8, 8, 128), (8, 8, 256), (32, 4, 64), (16, 4, 64),
+    (8, 4, 64), (4, 4, 64), (4, 2, 64), (2, 2, 64),
+]
 _SUMS_PROGRAMS = 8 if INTERPRET else 1024
 # Every dx program folds its group's S partials (each thread loads them all), so a group
 # has at most this many: the sums programs of a group each loop over a chunk of its tiles.
@@ -68,10 +74,10 @@ def _sums_kernel(x_ptr, dy_ptr, mean_ptr, rstd_ptr, weight_ptr, layer_ptr, sampl
                  HAS_WEIGHT: tl.constexpr, HAS_LAYER: tl.constexpr, HAS_SAMPLE: tl.constexpr,
                  VEC_C: tl.constexpr, VEC_W: tl.constexpr, CHANNELS_LAST: tl.constexpr,
                  RADIUS_H: tl.constexpr, RADIUS_W: tl.constexpr, HALO: tl.constexpr, WIDE: tl.constexpr,
-                 H_P2: tl.constexpr, W_P2: tl.constexpr, CG_P2: tl.constexpr, BLOCK_C: tl.constexpr,
-                 TILE_ROWS: tl.constexpr, TILE_COLS: tl.constexpr):
+                 H_P2: tl.constexpr, W_P2: tl.constexpr, CG_P2: tl.constexpr,
+                 TILE_ROWS: tl.constexpr, TILE_COLS: tl.constexpr, TILE_CHANNELS: tl.constexpr):
     ACC: tl.constexpr = mean_ptr.dtype.element_ty
-    TC: tl.constexpr = tile_c(CHANNELS_LAST, TILE_ROWS, BLOCK_C, H_P2, CG_P2)
+    TC: tl.constexpr = tile_c(CHANNELS_LAST, TILE_ROWS, TILE_CHANNELS, H_P2, CG_P2)
     TH: tl.constexpr = tile_h(TILE_ROWS, H_P2)
     TW: tl.constexpr = tile_w(CHANNELS_LAST, TILE_COLS, W_P2)
     Cg = CG_V * VEC_C
@@ -190,8 +196,8 @@ def _dx_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, part_t_ptr, part_x_ptr
                PARTS_P2: tl.constexpr, PARAM_ROWS: tl.constexpr,
                VEC_C: tl.constexpr, VEC_W: tl.constexpr, CHANNELS_LAST: tl.constexpr,
                RADIUS_H: tl.constexpr, RADIUS_W: tl.constexpr, HALO: tl.constexpr, WIDE: tl.constexpr,
-               H_P2: tl.constexpr, W_P2: tl.constexpr, CG_P2: tl.constexpr, BLOCK_C: tl.constexpr,
-               TILE_ROWS: tl.constexpr, TILE_COLS: tl.constexpr):
+               H_P2: tl.constexpr, W_P2: tl.constexpr, CG_P2: tl.constexpr,
+               TILE_ROWS: tl.constexpr, TILE_COLS: tl.constexpr, TILE_CHANNELS: tl.constexpr):
     ACC: tl.constexpr = rstd_ptr.dtype.element_ty
     Cg = CG_V * VEC_C
     W = W_V * VEC_W
@@ -204,7 +210,7 @@ def _dx_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, part_t_ptr, part_x_ptr
                              dlayer_ptr, dres_ptr, ROWS, HAS_WEIGHT, HAS_LAYER, WANT_DW, WANT_DB, WANT_DLS,
                              WANT_DRES, PARAM_ROWS, ACC)
     elif WRITE_DX:
-        TC: tl.constexpr = tile_c(CHANNELS_LAST, TILE_ROWS, BLOCK_C, H_P2, CG_P2)
+        TC: tl.constexpr = tile_c(CHANNELS_LAST, TILE_ROWS, TILE_CHANNELS, H_P2, CG_P2)
         TH: tl.constexpr = tile_h(TILE_ROWS, H_P2)
         TW: tl.constexpr = tile_w(CHANNELS_LAST, TILE_COLS, W_P2)
         ng, cb, hb, wb = tile_coords(pid - PARAM_PROGRAMS, Cg, H, W, TC, TH, TW)
@@ -256,15 +262,22 @@ _DX = {cl: autotuned(_dx_kernel, cl) for cl in (False, True)}
 
 
 class SumsPlan:
-    """Tiles of the sums pass and how each group's tiles are shared among its programs
-    (fixed by the shape)."""
+    """The tile of the sums pass (the first candidate that fits the shape, see
+    ``fitting_tiles``) and how each group's tiles are shared among its programs: fixed by
+    the shape."""
 
     def __init__(self, geo: Geometry):
         if geo.channels_last:
-            self.tile_rows, self.tile_cols = _SUMS_CL_TILE
+            candidates = [triton.Config({"TILE_ROWS": r, "TILE_COLS": w, "TILE_CHANNELS": c}, num_warps=_SUMS_WARPS)
+                          for r, w, c in _SUMS_CL_TILES]
         else:
-            self.tile_rows, self.tile_cols = max(1, _SUMS_TILE_ELEMENTS // geo.block_w), geo.block_w
-        tiles, self.slots = geo.tiles_per_sample(self.tile_rows, self.tile_cols)
+            rows = max(1, _SUMS_TILE_ELEMENTS // geo.block_w)
+            candidates = [triton.Config({"TILE_ROWS": max(1, rows >> i)}, num_warps=_SUMS_WARPS)
+                          for i in range(rows.bit_length())]
+        args = geo.shape_args()
+        self.tile = {**args, **fitting_tiles(candidates, args)[0].kwargs}
+        self.tile = {k: self.tile[k] for k in ("TILE_ROWS", "TILE_COLS", "TILE_CHANNELS")}
+        tiles, self.slots = geo.tiles_per_sample(self.tile)
         self.parts = max(1, min(MAX_PARTS, tiles, _SUMS_PROGRAMS // (geo.N * geo.G)))
         self.rows = geo.N * self.slots  # partials per channel of T and sum x * dy
 
@@ -296,8 +309,7 @@ def backward_launches(x, dy, dx, mean, rstd, workspace, weight, layer_scale, res
     )
     sums = (_sums_kernel, (geo.N * geo.G * plan.parts,), dict(
         x_ptr=x, dy_ptr=dy, mean_ptr=mean, rstd_ptr=rstd, part_t_ptr=part_t, part_x_ptr=part_x,
-        part_s_ptr=part_s, N=geo.N, PARTS=plan.parts, **vectors, **shape,
-        TILE_ROWS=plan.tile_rows, TILE_COLS=plan.tile_cols, num_warps=8,
+        part_s_ptr=part_s, N=geo.N, PARTS=plan.parts, **vectors, **{**shape, **plan.tile}, num_warps=_SUMS_WARPS,
     ))
     dweight, dbias, dlayer, dres = grads
     param_programs = geo.C if any(g is not None for g in grads) else 0
@@ -313,8 +325,6 @@ def backward_launches(x, dy, dx, mean, rstd, workspace, weight, layer_scale, res
         WANT_DLS=dlayer is not None, WANT_DRES=dres is not None, WRITE_DX=dx is not None,
         PARTS_P2=next_pow2(plan.parts), PARAM_ROWS=min(next_pow2(plan.rows), _PARAM_ROWS), **vectors, **shape,
     )
-    if not geo.channels_last:
-        dx_args["TILE_COLS"] = geo.block_w
 
     def dx_grid(meta):
         return (param_programs + (geo.tile_programs(meta) if dx is not None else 0),)

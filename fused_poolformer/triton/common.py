@@ -307,9 +307,10 @@ def cl_rows_channels(ng, cb, hb, G, Cg, H, W, C, BLOCK_C: tl.constexpr, BLOCK_H:
 
 # ---------------------------------------------------------------------------------------
 # Tile sizes.  An autotuning configuration names TILE_ROWS (NCHW: channel planes x rows;
-# channels_last: rows) and, for channels_last, TILE_COLS; the host fixes the rest from the
-# shape.  These functions, run by the compiler on constexprs and by the host for the grid,
-# clip a configuration to the plane, so that every configuration fits every shape.
+# channels_last: rows) and, for channels_last, TILE_COLS and TILE_CHANNELS; the host passes
+# the rest (NCHW: TILE_COLS = its column block).  These functions, run by the compiler on
+# constexprs and by the host for the grid, clip a configuration to the plane, so that every
+# configuration is valid for every shape.
 
 
 @constexpr_function
@@ -319,17 +320,61 @@ def tile_h(TILE_ROWS, H_P2):
 
 
 @constexpr_function
-def tile_c(CHANNELS_LAST, TILE_ROWS, BLOCK_C, H_P2, CG_P2):
-    """Channels of a tile: NCHW stacks whole small planes; channels_last uses BLOCK_C."""
+def tile_c(CHANNELS_LAST, TILE_ROWS, TILE_CHANNELS, H_P2, CG_P2):
+    """Channels of a tile: NCHW stacks whole small planes; channels_last takes up to
+    TILE_CHANNELS of one group."""
     if CHANNELS_LAST:
-        return BLOCK_C
+        return min(TILE_CHANNELS, CG_P2)
     return min(max(TILE_ROWS // min(TILE_ROWS, H_P2), 1), CG_P2)
 
 
 @constexpr_function
 def tile_w(CHANNELS_LAST, TILE_COLS, W_P2):
-    """Columns of a tile (NCHW: the host's BLOCK_W in TILE_COLS)."""
+    """Columns of a tile (NCHW: the host's column block)."""
     return min(TILE_COLS, W_P2) if CHANNELS_LAST else TILE_COLS
+
+
+def tile_shape(args, tile_rows: int, tile_cols: int, tile_channels: int):
+    """(channels, rows, columns) of a tile, from the kernel's shape arguments ``args``."""
+    cl = args["CHANNELS_LAST"]
+    return (tile_c(cl, tile_rows, tile_channels, args["H_P2"], args["CG_P2"]), tile_h(tile_rows, args["H_P2"]),
+            tile_w(cl, tile_cols, args["W_P2"]))
+
+
+# Loaded values a thread may hold at once: ptxas hoists the loads of the whole window to
+# overlap them, and each needs a register (measured: about 1.2 registers per value, see
+# ``python -m fused_poolformer.triton.aot``).  Past this many a kernel nears 255 registers.
+LOADS_IN_FLIGHT = 160
+
+
+def tile_cost(args, tile_rows: int, tile_cols: int, tile_channels: int, num_warps: int):
+    """(elements per thread along the contiguous axis, loads in flight per thread) of a
+    tile: the first must reach the vector width for 16-byte accesses."""
+    tc, th, tw = tile_shape(args, tile_rows, tile_cols, tile_channels)
+    taps = 2 * args["RADIUS_H"] + 1
+    threads = 32 * num_warps
+    if args["CHANNELS_LAST"]:
+        per_thread = tc * th / threads  # of one column
+        return per_thread, per_thread * (tw + 2 * args["RADIUS_W"]) * taps
+    per_thread = tc * th * tw / threads
+    return per_thread, per_thread * (1 + 2 * args["HALO"] / args["VEC_W"]) * taps
+
+
+def fitting_tiles(configs, args):
+    """The configurations whose tiles give every thread whole vectors without exceeding
+    LOADS_IN_FLIGHT; failing that, the cheapest one."""
+    vec = args["VEC_C"] if args["CHANNELS_LAST"] else args["VEC_W"]
+    scored = []
+    for cfg in configs:
+        kw = {**args, **cfg.kwargs}
+        per_thread, in_flight = tile_cost(args, kw["TILE_ROWS"], kw["TILE_COLS"], kw.get("TILE_CHANNELS", 1),
+                                          cfg.num_warps)
+        scored.append((cfg, per_thread >= vec, in_flight <= LOADS_IN_FLIGHT, in_flight))
+    good = [cfg for cfg, whole, fits, _ in scored if whole and fits]
+    if good:
+        return good
+    fits = [cfg for cfg, _, fits, _ in scored if fits]
+    return fits or [min(scored, key=lambda s: s[3])[0]]
 
 
 def next_pow2(v: int) -> int:
@@ -344,10 +389,8 @@ def largest_pow2_dividing(n: int, cap: int) -> int:
 
 
 # NCHW: one tile row spans up to this many columns (wider planes are cut into column
-# blocks whose halo columns are loaded from the neighbours).  channels_last: a tile spans
-# up to this many channels of one group.
+# blocks whose halo columns are loaded from the neighbours).
 MAX_NCHW_BLOCK_W = 128
-MAX_CL_BLOCK_C = 64
 
 
 class Geometry:
@@ -380,60 +423,60 @@ class Geometry:
         self.wide = self.C * self.H * self.W >= INT32_LIMIT
         self.h_p2, self.w_p2, self.cg_p2 = next_pow2(self.H), next_pow2(self.W), next_pow2(self.Cg)
         self.block_w = max(self.vec, min(self.w_p2, MAX_NCHW_BLOCK_W))  # NCHW columns
-        self.block_c = max(self.vec, min(self.cg_p2, MAX_CL_BLOCK_C))  # channels_last channels
 
     def shape_args(self):
-        """The shape arguments of the tile kernels, by name."""
-        return dict(
+        """The shape arguments of the tile kernels, by name (NCHW: with its column block)."""
+        args = dict(
             G=self.G, CG_V=self.Cg // self.vec_c, H=self.H, W_V=self.W // self.vec_w,
             VEC_C=self.vec_c, VEC_W=self.vec_w, CHANNELS_LAST=self.channels_last,
             RADIUS_H=self.radius_h, RADIUS_W=self.radius_w, HALO=self.halo, WIDE=self.wide,
-            H_P2=self.h_p2, W_P2=self.w_p2, CG_P2=self.cg_p2, BLOCK_C=self.block_c,
+            H_P2=self.h_p2, W_P2=self.w_p2, CG_P2=self.cg_p2,
         )
+        if not self.channels_last:
+            args.update(TILE_COLS=self.block_w, TILE_CHANNELS=1)
+        return args
 
-    def tile(self, tile_rows: int, tile_cols: int):
-        """(channels, rows, columns) of a tile for a configuration."""
-        cl = self.channels_last
-        cols = tile_cols if cl else self.block_w
-        return (tile_c(cl, tile_rows, self.block_c, self.h_p2, self.cg_p2),
-                tile_h(tile_rows, self.h_p2), tile_w(cl, cols, self.w_p2))
-
-    def tiles_per_sample(self, tile_rows: int, tile_cols: int):
+    def tiles_per_sample(self, meta):
         """(tiles per (n, g), spatial tiles per channel plane) for a configuration."""
-        tc, th, tw = self.tile(tile_rows, tile_cols)
+        tc, th, tw = tile_shape({**self.shape_args(), **meta}, meta["TILE_ROWS"], meta["TILE_COLS"],
+                                meta["TILE_CHANNELS"])
         spatial = triton.cdiv(self.H, th) * triton.cdiv(self.W, tw)
         return triton.cdiv(self.Cg, tc) * spatial, spatial
 
     def tile_programs(self, meta) -> int:
         """Programs of a tile kernel launched with configuration ``meta``."""
-        per_group, _ = self.tiles_per_sample(meta["TILE_ROWS"], meta.get("TILE_COLS", self.block_w))
-        return self.N * self.G * per_group
+        return self.N * self.G * self.tiles_per_sample({**self.shape_args(), **meta})[0]
 
 
 # ---------------------------------------------------------------------------------------
 # Autotuning of the apply and dx kernels, keyed on shape, layout (and, by Triton, the
-# tensors' dtypes).  The interpreter gets one small configuration.
+# tensors' dtypes); configurations whose tiles do not fit the shape are pruned first
+# (``fitting_tiles``).  The interpreter gets one configuration.
 
 AUTOTUNE_KEY = ["N", "G", "CG_V", "H", "W_V", "CHANNELS_LAST", "RADIUS_H", "RADIUS_W", "WRITE_DX"]
 
 NCHW_CONFIGS = [
-    triton.Config({"TILE_ROWS": 8}, num_warps=4),
-    triton.Config({"TILE_ROWS": 16}, num_warps=4),
-    triton.Config({"TILE_ROWS": 32}, num_warps=8),
-    triton.Config({"TILE_ROWS": 64}, num_warps=8),
+    triton.Config({"TILE_ROWS": rows}, num_warps=warps)
+    for rows, warps in ((8, 4), (16, 4), (32, 4), (16, 8), (32, 8), (64, 8), (128, 8))
 ]
 CHANNELS_LAST_CONFIGS = [
-    triton.Config({"TILE_ROWS": 4, "TILE_COLS": 4}, num_warps=4),
-    triton.Config({"TILE_ROWS": 8, "TILE_COLS": 4}, num_warps=4),
-    triton.Config({"TILE_ROWS": 4, "TILE_COLS": 8}, num_warps=4),
-    triton.Config({"TILE_ROWS": 8, "TILE_COLS": 8}, num_warps=8),
+    triton.Config({"TILE_ROWS": rows, "TILE_COLS": cols, "TILE_CHANNELS": chans}, num_warps=warps)
+    for rows, cols, chans, warps in (
+        (8, 4, 64, 4), (8, 8, 64, 4), (16, 4, 64, 4), (16, 2, 64, 4), (16, 4, 64, 8), (32, 4, 64, 8),
+        (4, 4, 128, 4), (4, 8, 128, 4), (8, 4, 128, 4), (8, 2, 128, 4), (8, 4, 128, 8), (2, 4, 256, 4),
+        (4, 4, 256, 4), (4, 2, 64, 4), (2, 2, 64, 4),
+    )
 ]
 # The interpreter pays per operation, not per element: large tiles, few programs.  (Tests
 # that need several tiles per plane swap in small ones.)
 INTERPRETER_CONFIGS = {
     False: [triton.Config({"TILE_ROWS": 64})],
-    True: [triton.Config({"TILE_ROWS": 16, "TILE_COLS": 16})],
+    True: [triton.Config({"TILE_ROWS": 16, "TILE_COLS": 16, "TILE_CHANNELS": 64})],
 }
+
+
+def _prune(configs, named_args, **kwargs):
+    return fitting_tiles(configs, {**named_args, **kwargs})
 
 
 def autotuned(kernel, channels_last: bool):
@@ -441,4 +484,5 @@ def autotuned(kernel, channels_last: bool):
     configs = CHANNELS_LAST_CONFIGS if channels_last else NCHW_CONFIGS
     if INTERPRET:
         configs = INTERPRETER_CONFIGS[channels_last]
-    return triton.autotune(configs=configs, key=AUTOTUNE_KEY)(kernel)
+    return triton.autotune(configs=configs, key=AUTOTUNE_KEY,
+                           prune_configs_by={"early_config_prune": _prune})(kernel)

@@ -146,10 +146,10 @@ def _apply_kernel(x_ptr, y_ptr, part_ptr, mean_ptr, rstd_ptr, weight_ptr, layer_
                   HAS_SAMPLE: tl.constexpr, PARTS_P2: tl.constexpr,
                   VEC_C: tl.constexpr, VEC_W: tl.constexpr, CHANNELS_LAST: tl.constexpr,
                   RADIUS_H: tl.constexpr, RADIUS_W: tl.constexpr, HALO: tl.constexpr, WIDE: tl.constexpr,
-                  H_P2: tl.constexpr, W_P2: tl.constexpr, CG_P2: tl.constexpr, BLOCK_C: tl.constexpr,
-                  TILE_ROWS: tl.constexpr, TILE_COLS: tl.constexpr):
+                  H_P2: tl.constexpr, W_P2: tl.constexpr, CG_P2: tl.constexpr,
+                  TILE_ROWS: tl.constexpr, TILE_COLS: tl.constexpr, TILE_CHANNELS: tl.constexpr):
     ACC: tl.constexpr = rstd_ptr.dtype.element_ty
-    TC: tl.constexpr = tile_c(CHANNELS_LAST, TILE_ROWS, BLOCK_C, H_P2, CG_P2)
+    TC: tl.constexpr = tile_c(CHANNELS_LAST, TILE_ROWS, TILE_CHANNELS, H_P2, CG_P2)
     TH: tl.constexpr = tile_h(TILE_ROWS, H_P2)
     TW: tl.constexpr = tile_w(CHANNELS_LAST, TILE_COLS, W_P2)
     Cg = CG_V * VEC_C
@@ -254,8 +254,6 @@ def forward_launches(x: Tensor, y: Tensor, mean: Tensor, rstd: Tensor, workspace
         HAS_WEIGHT=weight is not None, HAS_LAYER=layer_scale is not None, HAS_RES=res_scale is not None,
         HAS_SAMPLE=sample_scale is not None, PARTS_P2=next_pow2(stats.parts), **geo.shape_args(),
     )
-    if not geo.channels_last:
-        apply_args["TILE_COLS"] = geo.block_w
     apply = (_APPLY[geo.channels_last], lambda meta: (geo.tile_programs(meta),), apply_args)
     return [statistics, apply]
 
