@@ -158,7 +158,7 @@ def _machine_code_facts(ptx: str):
     registers = int(re.search(r"Used (\d+) registers", log).group(1))
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
     stack = re.search(r"(\d+) bytes stack frame", log)
-    instructions = len(re.findall(r"^\s+/\*[0-9a-f]{4}\*/\s+(?!NOP\b)[A-Z@]", sass, re.M))
+    instructions = len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+(?!NOP\b)[A-Z@]", sass, re.M))
     return (registers, int(spills.group(1)) + int(spills.group(2)), int(stack.group(1)),
             len(re.findall(r"\bLDG\.E\.(?:EL\.|LTC\w+\.)*128\b", sass)),
             len(re.findall(r"\bSTG\.E\.(?:EL\.|LTC\w+\.)*128\b", sass)), instructions)

@@ -25,32 +25,28 @@ from .common import (
     INTERPRET,
     Geometry,
     autotuned,
-    fitting_tiles,
-    cl_pool,
-    cl_rows_channels,
+    band_rows,
     divide,
-    inv_window_count,
-    nchw_columns,
-    nchw_pool,
-    nchw_rows,
+    fitting_tiles,
     next_pow2,
     pairwise_sum,
-    row_taps,
-    tile_c,
+    pooled_tile,
+    tile_bands,
+    tile_channels,
+    tile_columns,
     tile_coords,
-    tile_h,
-    tile_w,
+    tiles_along,
     vector_or_ones,
 )
 
 # The sums pass is not autotuned (its partial sums are merged, so its tiles are fixed by the
 # shape).  The interpreter gets small tiles, so that the tests' small planes have several.
-_SUMS_TILE_ELEMENTS = 128 if INTERPRET else 4096
 _SUMS_WARPS = 8
-# channels_last sums tiles, most preferred first: (rows, columns, channels).
-_SUMS_CL_TILES = [(8, 8, 64)] if INTERPRET else [
-    (32, 8, 64), (16, 8, 128), (16, 8, 64), (8, 8, 128), (8, 8, 256), (32, 4, 64), (16, 4, 64),
-    (8, 4, 64), (4, 4, 64), (4, 2, 64), (2, 2, 64),
+# Sums tiles, most preferred first (the first that fits the shape is used):
+# NCHW strips; channels_last (strips, channels, columns).
+_SUMS_NCHW_TILES = [4] if INTERPRET else [64, 32, 16, 8, 4, 2, 1]
+_SUMS_CL_TILES = [(1, 64, 16)] if INTERPRET else [
+    (16, 64, 2), (8, 128, 2), (8, 64, 2), (4, 128, 2), (4, 256, 2), (4, 64, 2), (2, 64, 2), (1, 64, 2),
 ]
 _SUMS_PROGRAMS = 8 if INTERPRET else 1024
 # Every dx program folds its group's S partials (each thread loads them all), so a group
@@ -70,19 +66,19 @@ _PARAM_ROWS = 256  # (sample, slot) partials per step of a parameter-gradient pr
 
 @triton.jit
 def _sums_kernel(x_ptr, dy_ptr, mean_ptr, rstd_ptr, weight_ptr, layer_ptr, sample_ptr,
-                 part_t_ptr, part_x_ptr, part_s_ptr, N, G, CG_V, H, W_V, PARTS,
+                 part_t_ptr, part_x_ptr, part_s_ptr, N, G, CG_V, PARTS,
                  HAS_WEIGHT: tl.constexpr, HAS_LAYER: tl.constexpr, HAS_SAMPLE: tl.constexpr,
-                 VEC_C: tl.constexpr, VEC_W: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-                 RADIUS_H: tl.constexpr, RADIUS_W: tl.constexpr, HALO: tl.constexpr, WIDE: tl.constexpr,
-                 H_P2: tl.constexpr, W_P2: tl.constexpr, CG_P2: tl.constexpr,
-                 TILE_ROWS: tl.constexpr, TILE_COLS: tl.constexpr, TILE_CHANNELS: tl.constexpr):
+                 H: tl.constexpr, W: tl.constexpr, VEC: tl.constexpr, VEC_C: tl.constexpr,
+                 CHANNELS_LAST: tl.constexpr, RADIUS_H: tl.constexpr, RADIUS_W: tl.constexpr,
+                 HALO: tl.constexpr, WIDE: tl.constexpr, CG_P2: tl.constexpr, BLOCK_W: tl.constexpr,
+                 TILE_P: tl.constexpr, TILE_C: tl.constexpr, TILE_W: tl.constexpr):
     ACC: tl.constexpr = mean_ptr.dtype.element_ty
-    TC: tl.constexpr = tile_c(CHANNELS_LAST, TILE_ROWS, TILE_CHANNELS, H_P2, CG_P2)
-    TH: tl.constexpr = tile_h(TILE_ROWS, H_P2)
-    TW: tl.constexpr = tile_w(CHANNELS_LAST, TILE_COLS, W_P2)
     Cg = CG_V * VEC_C
-    W = W_V * VEC_W
     C = G * Cg
+    TC: tl.constexpr = tile_channels(CHANNELS_LAST, TILE_P, TILE_C, H, CG_P2)
+    TILES_H: tl.constexpr = tiles_along(H, tile_bands(TILE_P, H) * band_rows(TILE_P, H))
+    TILES_W: tl.constexpr = tiles_along(W, tile_columns(CHANNELS_LAST, TILE_W, BLOCK_W, W))
+    SLOTS: tl.constexpr = TILES_H * TILES_W
     pid = tl.program_id(0)
     ng = pid // PARTS
     k = pid % PARTS
@@ -93,50 +89,33 @@ def _sums_kernel(x_ptr, dy_ptr, mean_ptr, rstd_ptr, weight_ptr, layer_ptr, sampl
         sample = tl.load(sample_ptr + n).to(ACC)
     t_factor = tl.load(rstd_ptr + ng) * sample
     base = n.to(tl.int64) * C * H * W
-    tiles_w = tl.cdiv(W, TW)
-    slots = tl.cdiv(H, TH) * tiles_w
-    tiles = tl.cdiv(Cg, TC) * slots
+    tiles = tl.cdiv(Cg, TC) * SLOTS
     per_part = tl.cdiv(tiles, PARTS)
-    rows = N * slots  # partials per channel in part_t and part_x
+    rows = N * SLOTS  # partials per channel in part_t and part_x
     group_sum = tl.zeros([], ACC)
     for q in range(k * per_part, tl.minimum((k + 1) * per_part, tiles)):
-        cb = q // slots
-        slot = q % slots
-        hb = slot // tiles_w
-        wb = slot % tiles_w
-        if CHANNELS_LAST:
-            h, row_ok, row_off, c, c_ok = cl_rows_channels(ng, cb, hb, G, Cg, H, W, C, TC, TH, WIDE)
-            w0 = wb * TW
-            taps = row_taps(row_off, h, row_ok, W * C, H, RADIUS_H, False, ACC)
-            centres, boxes = cl_pool(x_ptr + base, taps, c, c_ok, w0, C, W, mean, RADIUS_W, TW, False, ACC)
-            inv_h = inv_window_count(h, RADIUS_H, H, ACC)
-            sum_d = tl.zeros([TC], ACC)
-            sum_x = tl.zeros([TC], ACC)
-            for i in tl.static_range(TW):
-                w = w0 + i
-                ok = row_ok & c_ok & (w < W)
-                dy = tl.load(dy_ptr + base + row_off + w * C + c, mask=ok, other=0.0).to(ACC)
-                d = boxes[i] * (inv_h * inv_window_count(w, RADIUS_W, W, ACC)) - (centres[i] - mean)
-                sum_d += tl.sum(tl.where(ok, d * dy, 0.0), axis=0)
-                sum_x += tl.sum(centres[i] * dy, axis=0)
-            channel = tl.reshape(c, [TC])
-            channel_ok = tl.reshape(c_ok, [TC])
-        else:
-            c, h, row_ok, row_off = nchw_rows(ng, cb, hb, G, Cg, H, W, TC, TH, WIDE)
-            cols, left, right = nchw_columns(wb, TW, VEC_W, HALO, WIDE)
-            taps = row_taps(row_off, h, row_ok, W, H, RADIUS_H, False, ACC)
-            centre, box = nchw_pool(x_ptr + base, taps, cols, left, right, W, mean, RADIUS_W, False, ACC)
-            ok = row_ok & (cols < W)
-            dy = tl.load(dy_ptr + base + row_off + cols, mask=ok, other=0.0).to(ACC)
-            inv_count = inv_window_count(h, RADIUS_H, H, ACC) * inv_window_count(cols, RADIUS_W, W, ACC)
-            d = box * inv_count - (centre - mean)
-            # Rows are TC planes of TH rows: per-channel sums over each plane's rows and columns.
-            sum_d = tl.sum(tl.reshape(tl.where(ok, d * dy, 0.0), [TC, TH * TW]), axis=1)
-            sum_x = tl.sum(tl.reshape(centre * dy, [TC, TH * TW]), axis=1)
-            c_in_group = cb * TC + tl.arange(0, TC)
-            channel = (ng % G) * Cg + c_in_group
-            channel_ok = c_in_group < Cg
-        at = channel.to(tl.int64) * rows + n * slots + slot
+        cb = q // SLOTS
+        slot = q % SLOTS
+        centres, boxes, offsets, masks, invs, c, c_ok = pooled_tile(
+            x_ptr + base, mean, ng, cb, slot // TILES_W, slot % TILES_W, G, Cg, C, H, W, VEC, CHANNELS_LAST,
+            RADIUS_H, RADIUS_W, HALO, WIDE, CG_P2, BLOCK_W, TILE_P, TILE_C, TILE_W, False, ACC)
+        prod_d = tl.zeros(centres[0].shape, ACC)
+        prod_x = tl.zeros(centres[0].shape, ACC)
+        for o in tl.static_range(len(centres)):
+            dy = tl.load(dy_ptr + base + offsets[o], mask=masks[o], other=0.0).to(ACC)
+            d = boxes[o] * invs[o] - (centres[o] - mean)
+            prod_d += tl.where(masks[o], d * dy, 0.0)
+            prod_x += centres[o] * dy
+        if CHANNELS_LAST:  # [P, TC]: channels along the last axis
+            sum_d = tl.sum(prod_d, axis=0)
+            sum_x = tl.sum(prod_x, axis=0)
+        else:  # [TC * bands, columns / VEC, VEC]: each channel's bands are consecutive
+            sum_d = tl.sum(tl.reshape(prod_d, [TC, prod_d.numel // TC]), axis=1)
+            sum_x = tl.sum(tl.reshape(prod_x, [TC, prod_x.numel // TC]), axis=1)
+        c_in_group = cb * TC + tl.arange(0, TC)
+        channel = (ng % G) * Cg + c_in_group
+        channel_ok = c_in_group < Cg
+        at = channel.to(tl.int64) * rows + n * SLOTS + slot
         tl.store(part_t_ptr + at, t_factor * sum_d, mask=channel_ok)
         tl.store(part_x_ptr + at, sum_x, mask=channel_ok)
         factor = vector_or_ones(weight_ptr, channel, channel_ok, HAS_WEIGHT, ACC) * vector_or_ones(
@@ -189,18 +168,17 @@ def dx_output(dy, pooled_t, x, mean, coef, res, corr):
 @triton.jit
 def _dx_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, part_t_ptr, part_x_ptr, part_s_ptr,
                weight_ptr, layer_ptr, res_ptr, sample_ptr, dweight_ptr, dbias_ptr, dlayer_ptr, dres_ptr,
-               N, G, CG_V, H, W_V, PARTS, ROWS, PARAM_PROGRAMS,
+               N, G, CG_V, PARTS, ROWS, PARAM_PROGRAMS,
                HAS_WEIGHT: tl.constexpr, HAS_LAYER: tl.constexpr, HAS_RES: tl.constexpr,
                HAS_SAMPLE: tl.constexpr, WANT_DW: tl.constexpr, WANT_DB: tl.constexpr,
                WANT_DLS: tl.constexpr, WANT_DRES: tl.constexpr, WRITE_DX: tl.constexpr,
                PARTS_P2: tl.constexpr, PARAM_ROWS: tl.constexpr,
-               VEC_C: tl.constexpr, VEC_W: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-               RADIUS_H: tl.constexpr, RADIUS_W: tl.constexpr, HALO: tl.constexpr, WIDE: tl.constexpr,
-               H_P2: tl.constexpr, W_P2: tl.constexpr, CG_P2: tl.constexpr,
-               TILE_ROWS: tl.constexpr, TILE_COLS: tl.constexpr, TILE_CHANNELS: tl.constexpr):
+               H: tl.constexpr, W: tl.constexpr, VEC: tl.constexpr, VEC_C: tl.constexpr,
+               CHANNELS_LAST: tl.constexpr, RADIUS_H: tl.constexpr, RADIUS_W: tl.constexpr,
+               HALO: tl.constexpr, WIDE: tl.constexpr, CG_P2: tl.constexpr, BLOCK_W: tl.constexpr,
+               TILE_P: tl.constexpr, TILE_C: tl.constexpr, TILE_W: tl.constexpr):
     ACC: tl.constexpr = rstd_ptr.dtype.element_ty
     Cg = CG_V * VEC_C
-    W = W_V * VEC_W
     C = G * Cg
     pid = tl.program_id(0)
     # One program per channel for the parameter gradients, first, so that they start early
@@ -210,48 +188,30 @@ def _dx_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, part_t_ptr, part_x_ptr
                              dlayer_ptr, dres_ptr, ROWS, HAS_WEIGHT, HAS_LAYER, WANT_DW, WANT_DB, WANT_DLS,
                              WANT_DRES, PARAM_ROWS, ACC)
     elif WRITE_DX:
-        TC: tl.constexpr = tile_c(CHANNELS_LAST, TILE_ROWS, TILE_CHANNELS, H_P2, CG_P2)
-        TH: tl.constexpr = tile_h(TILE_ROWS, H_P2)
-        TW: tl.constexpr = tile_w(CHANNELS_LAST, TILE_COLS, W_P2)
-        ng, cb, hb, wb = tile_coords(pid - PARAM_PROGRAMS, Cg, H, W, TC, TH, TW)
+        TC: tl.constexpr = tile_channels(CHANNELS_LAST, TILE_P, TILE_C, H, CG_P2)
+        TILES_H: tl.constexpr = tiles_along(H, tile_bands(TILE_P, H) * band_rows(TILE_P, H))
+        TILES_W: tl.constexpr = tiles_along(W, tile_columns(CHANNELS_LAST, TILE_W, BLOCK_W, W))
+        ng, cb, hb, wb = tile_coords(pid - PARAM_PROGRAMS, Cg, TILES_H, TILES_W, TC)
         n = ng // G
         mean = tl.load(mean_ptr + ng)
         rstd = tl.load(rstd_ptr + ng)
         p = tl.arange(0, PARTS_P2)
         group_sum = pairwise_sum(tl.load(part_s_ptr + ng * PARTS + p, mask=p < PARTS, other=0.0))
-        corr = divide(rstd * rstd * rstd * group_sum, (Cg * H * W).to(ACC))
+        corr = divide(rstd * rstd * rstd * group_sum, tl.zeros([], ACC) + Cg * H * W)
         factor = rstd
         if HAS_SAMPLE:
             factor = factor * tl.load(sample_ptr + n).to(ACC)
         base = n.to(tl.int64) * C * H * W
-        if CHANNELS_LAST:
-            h, row_ok, row_off, c, c_ok = cl_rows_channels(ng, cb, hb, G, Cg, H, W, C, TC, TH, WIDE)
-            coef = (vector_or_ones(weight_ptr, c, c_ok, HAS_WEIGHT, ACC)
-                    * vector_or_ones(layer_ptr, c, c_ok, HAS_LAYER, ACC)) * factor
-            res = vector_or_ones(res_ptr, c, c_ok, HAS_RES, ACC)
-            w0 = wb * TW
-            taps = row_taps(row_off, h, row_ok, W * C, H, RADIUS_H, True, ACC)
-            grads, pooled = cl_pool(dy_ptr + base, taps, c, c_ok, w0, C, W, 0.0, RADIUS_W, TW, True, ACC)
-            for i in tl.static_range(TW):
-                w = w0 + i
-                ok = row_ok & c_ok & (w < W)
-                at = base + row_off + w * C + c
-                xv = tl.load(x_ptr + at, mask=ok, other=0.0).to(ACC)
-                out = dx_output(grads[i], pooled[i], xv, mean, coef, res, corr)
-                tl.store(dx_ptr + at, out.to(dx_ptr.dtype.element_ty), mask=ok)
-        else:
-            c, h, row_ok, row_off = nchw_rows(ng, cb, hb, G, Cg, H, W, TC, TH, WIDE)
-            cols, left, right = nchw_columns(wb, TW, VEC_W, HALO, WIDE)
-            coef = (vector_or_ones(weight_ptr, c, row_ok, HAS_WEIGHT, ACC)
-                    * vector_or_ones(layer_ptr, c, row_ok, HAS_LAYER, ACC)) * factor
-            res = vector_or_ones(res_ptr, c, row_ok, HAS_RES, ACC)
-            taps = row_taps(row_off, h, row_ok, W, H, RADIUS_H, True, ACC)
-            grad, pooled = nchw_pool(dy_ptr + base, taps, cols, left, right, W, 0.0, RADIUS_W, True, ACC)
-            ok = row_ok & (cols < W)
-            at = base + row_off + cols
-            xv = tl.load(x_ptr + at, mask=ok, other=0.0).to(ACC)
-            out = dx_output(grad, pooled, xv, mean, coef, res, corr)
-            tl.store(dx_ptr + at, out.to(dx_ptr.dtype.element_ty), mask=ok)
+        grads, pooled, offsets, masks, _, c, c_ok = pooled_tile(
+            dy_ptr + base, 0.0, ng, cb, hb, wb, G, Cg, C, H, W, VEC, CHANNELS_LAST, RADIUS_H, RADIUS_W, HALO,
+            WIDE, CG_P2, BLOCK_W, TILE_P, TILE_C, TILE_W, True, ACC)
+        coef = (vector_or_ones(weight_ptr, c, c_ok, HAS_WEIGHT, ACC)
+                * vector_or_ones(layer_ptr, c, c_ok, HAS_LAYER, ACC)) * factor
+        res = vector_or_ones(res_ptr, c, c_ok, HAS_RES, ACC)
+        for o in tl.static_range(len(grads)):
+            xv = tl.load(x_ptr + base + offsets[o], mask=masks[o], other=0.0).to(ACC)
+            out = dx_output(grads[o], pooled[o], xv, mean, coef, res, corr)
+            tl.store(dx_ptr + base + offsets[o], out.to(dx_ptr.dtype.element_ty), mask=masks[o])
 
 
 _DX = {cl: autotuned(_dx_kernel, cl) for cl in (False, True)}
@@ -268,16 +228,15 @@ class SumsPlan:
 
     def __init__(self, geo: Geometry):
         if geo.channels_last:
-            candidates = [triton.Config({"TILE_ROWS": r, "TILE_COLS": w, "TILE_CHANNELS": c}, num_warps=_SUMS_WARPS)
-                          for r, w, c in _SUMS_CL_TILES]
+            candidates = [triton.Config({"TILE_P": p, "TILE_C": c, "TILE_W": w}, num_warps=_SUMS_WARPS)
+                          for p, c, w in _SUMS_CL_TILES]
         else:
-            rows = max(1, _SUMS_TILE_ELEMENTS // geo.block_w)
-            candidates = [triton.Config({"TILE_ROWS": max(1, rows >> i)}, num_warps=_SUMS_WARPS)
-                          for i in range(rows.bit_length())]
+            candidates = [triton.Config({"TILE_P": p}, num_warps=_SUMS_WARPS) for p in _SUMS_NCHW_TILES]
         args = geo.shape_args()
-        self.tile = {**args, **fitting_tiles(candidates, args)[0].kwargs}
-        self.tile = {k: self.tile[k] for k in ("TILE_ROWS", "TILE_COLS", "TILE_CHANNELS")}
-        tiles, self.slots = geo.tiles_per_sample(self.tile)
+        chosen = {**args, **fitting_tiles(candidates, args)[0].kwargs}
+        self.tile = {k: chosen[k] for k in ("TILE_P", "TILE_C", "TILE_W")}
+        self.slots = geo.slots(self.tile)
+        tiles = geo.tiles_per_group(self.tile)
         self.parts = max(1, min(MAX_PARTS, tiles, _SUMS_PROGRAMS // (geo.N * geo.G)))
         self.rows = geo.N * self.slots  # partials per channel of T and sum x * dy
 

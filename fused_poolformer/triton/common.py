@@ -101,16 +101,15 @@ def sqrt_rn(v):
 
 
 @triton.jit
-def window_count(i, RADIUS: tl.constexpr, L):
-    """Valid taps of the window centred on i along an axis of length L (at least 1, so that
-    lanes outside the plane stay finite)."""
-    return tl.maximum(tl.minimum(i + RADIUS, L - 1) - tl.maximum(i - RADIUS, 0) + 1, 1)
-
-
-@triton.jit
-def inv_window_count(i, RADIUS: tl.constexpr, L, ACC: tl.constexpr):
-    count = window_count(i, RADIUS, L).to(ACC)
-    return divide(tl.full(count.shape, 1.0, ACC), count)
+def inv_window_count(i, RADIUS: tl.constexpr, L: tl.constexpr, ACC: tl.constexpr):
+    """1 / (valid taps of the window centred on i) along an axis of constexpr length L: a
+    select between the few constants it can be (correctly rounded by the compiler), not a
+    division.  Lanes outside the axis get some finite value."""
+    count = tl.minimum(i + RADIUS, L - 1) - tl.maximum(i - RADIUS, 0) + 1
+    inv = tl.full(count.shape, 1.0 / (2 * RADIUS + 1), ACC)
+    for k in tl.static_range(1, 2 * RADIUS + 1):
+        inv = tl.where(count == k, 1.0 / k, inv)
+    return inv
 
 
 @triton.jit
@@ -122,254 +121,328 @@ def vector_or_ones(ptr, index, mask, PRESENT: tl.constexpr, ACC: tl.constexpr):
         return tl.full(index.shape, 1.0, ACC)
 
 
-@triton.jit
-def row_taps(row_off, h, row_ok, ROW_STEP, H, RADIUS_H: tl.constexpr, ADJOINT: tl.constexpr,
-             ACC: tl.constexpr):
-    """The rows of the vertical window around row h, centre first, then h -+ 1, h -+ 2, ...:
-    a tuple of (offset, validity, 1 / cnt_h of that row (adjoint only)) per row, computed
-    once per tile and shared by every column."""
-    taps = ()
-    for i in tl.static_range(2 * RADIUS_H + 1):
-        dh = (i + 1) // 2 * (1 if i % 2 == 0 else -1)
-        if dh == 0:
-            ok = row_ok
-        else:
-            ok = row_ok & (h + dh >= 0) & (h + dh < H)
-        inv = 0.0
-        if ADJOINT:
-            inv = inv_window_count(h + dh, RADIUS_H, H, ACC)
-        taps = taps + ((row_off + dh * ROW_STEP, ok, inv),)
-    return taps
+@constexpr_function
+def bit_reverse(k, bits):
+    return int(format(k, f"0{bits}b")[::-1], 2) if bits else 0
 
 
 @triton.jit
-def vertical_window(src, taps, col_off, col_ok, mean, col, RADIUS_W: tl.constexpr, L,
-                    ADJOINT: tl.constexpr, ACC: tl.constexpr):
-    """The vertical half of the box sum at the given columns of a tile.
+def split_last(v):
+    """The entries of v's last axis (a power of two long, held by one thread) as a tuple of
+    tensors: tl.split halves, which are register renames, not arithmetic."""
+    N: tl.constexpr = v.shape[-1]
+    if N == 1:
+        return (tl.reshape(v, v.shape[:-1]),)
+    else:
+        parts = (v,)
+        for _ in tl.static_range(log2(N)):
+            halves = ()
+            for t in tl.static_range(len(parts)):
+                p = parts[t]
+                if p.shape[-1] == 2:
+                    a, b = tl.split(p)
+                else:
+                    a, b = tl.split(tl.reshape(p, p.shape[:-1] + [p.shape[-1] // 2, 2]))
+                halves = halves + (a, b)
+            parts = halves
+        out = ()
+        for k in tl.static_range(N):  # the halving left them in bit-reversed order
+            out = out + (parts[bit_reverse(k, log2(N))],)
+        return out
 
-    ``src + tap offset + col_off`` addresses a row of the window (``row_taps``); ``col_ok``
-    says which columns lie in the plane.  One load per row of the window, each as wide as
-    the tile's columns allow.
 
-    Returns (the values of the centre row as loaded, in ACC; the window sums):
-      centred (forward):  sum over the valid rows of (v - mean);
-      adjoint (backward): sum over the valid rows of v / cnt_h(row), times 1 / cnt_w(col)
-                          (col: the columns' index along an axis of length L).
-    """
-    centre = 0.0
-    acc = 0.0
-    column = src + col_off
-    for i in tl.static_range(len(taps)):
-        tap_off, tap_ok, tap_inv = taps[i]
-        ok = tap_ok & col_ok
-        v = tl.load(column + tap_off, mask=ok, other=0.0).to(ACC)
-        if ADJOINT:
-            term = v * tap_inv
-        else:
-            term = tl.where(ok, v - mean, 0.0)
-        if i == 0:
-            centre = v
-            acc = term
-        else:
-            acc += term
+@triton.jit
+def join_last(slots):
+    """The inverse of split_last: a tuple of tensors joined along a new last axis."""
+    N: tl.constexpr = len(slots)
+    if N == 1:
+        return tl.expand_dims(slots[0], len(slots[0].shape))
+    else:
+        parts = ()
+        for k in tl.static_range(N):
+            parts = parts + (slots[bit_reverse(k, log2(N))],)
+        for level in tl.static_range(log2(N)):
+            pairs = ()
+            for t in tl.static_range(len(parts) // 2):
+                j = tl.join(parts[2 * t], parts[2 * t + 1])
+                if level > 0:
+                    j = tl.reshape(j, j.shape[:-2] + [j.shape[-2] * 2])
+                pairs = pairs + (j,)
+            parts = pairs
+        return parts[0]
+
+
+@triton.jit
+def _window_sums(seq, first, count: tl.constexpr, RADIUS: tl.constexpr):
+    """(seq[i - r] + ... + seq[i + r] for i = first .. first + count - 1), added centre
+    first, then the pairs at distance 1, 2, ... (one fixed order for every tile)."""
+    out = ()
+    for i in tl.static_range(first, first + count):
+        acc = seq[i]
+        for d in tl.static_range(1, RADIUS + 1):
+            acc += seq[i - d] + seq[i + d]
+        out = out + (acc,)
+    return out
+
+
+@triton.jit
+def _prepare(v, ok, mean, inv_row, inv_col, ADJOINT: tl.constexpr):
+    """A loaded block as the box sum wants it: centred (v - mean, zero outside the plane)
+    or, for the adjoint, scaled by 1 / cnt of its row and column (v is zero outside)."""
     if ADJOINT:
-        acc = acc * inv_window_count(col, RADIUS_W, L, ACC)
-    return centre, acc
-
-
-@triton.jit
-def _slot(v, k: tl.constexpr):
-    """Entry k of the last (in-thread) axis of v: a masked sum that adds exact zeros."""
-    lane = tl.arange(0, v.shape[2])[None, None, :]
-    return tl.sum(tl.where(lane == k, v, 0.0), axis=2)
-
-
-@triton.jit
-def horizontal_window(left, centre, right, RADIUS_W: tl.constexpr):
-    """The horizontal half of the box sum for NCHW tiles held as [rows, groups, VEC]: each
-    thread's VEC consecutive columns (``centre``) plus the HALO columns before (``left``)
-    and after (``right``) them, all already summed vertically.  The window of column j is
-    a fixed sequence of register adds over those VEC + 2 HALO columns; nothing leaves the
-    thread."""
-    VEC: tl.constexpr = centre.shape[2]
-    HALO: tl.constexpr = left.shape[2]
-    ext = ()
-    for k in tl.static_range(HALO):
-        ext = ext + (_slot(left, k),)
-    for k in tl.static_range(VEC):
-        ext = ext + (_slot(centre, k),)
-    for k in tl.static_range(HALO):
-        ext = ext + (_slot(right, k),)
-    lane = tl.arange(0, VEC)[None, None, :]
-    box = tl.zeros(centre.shape, centre.dtype)
-    for j in tl.static_range(VEC):
-        acc = ext[HALO + j]
-        for d in tl.static_range(1, RADIUS_W + 1):
-            acc += ext[HALO + j - d] + ext[HALO + j + d]
-        box = tl.where(lane == j, acc[:, :, None], box)
-    return box
+        return v * inv_row * inv_col
+    else:
+        return tl.where(ok, v - mean, 0.0)
 
 
 # ---------------------------------------------------------------------------------------
-# Tile coordinates.  Programs run along W fastest, then H, then the channel blocks of a
-# group, then groups and samples, so neighbouring programs share their halo rows in cache.
+# The tiles.  A program owns P independent strips (NCHW: channel planes x bands of rows;
+# channels_last: bands of rows) and walks TH rows down each of them in a static loop.  Each
+# row of the tile and of its halo is loaded once; its horizontal window sums are formed in
+# registers, and each output row's box sum adds the 2r + 1 row sums around it.  The loads
+# are as wide as the contiguous axis allows (VEC elements), and every loaded element is
+# reused for all the taps that need it.
+
+
+@constexpr_function
+def tile_bands(TILE_P, H):
+    """Bands of rows per strip: enough for about six rows each (halo rows cost (TH + 2r) /
+    TH), at most TILE_P."""
+    target = max(1, H // 6)
+    return min(TILE_P, 1 << (target.bit_length() - 1))
+
+
+MAX_BAND_ROWS = 16  # the static row loop is unrolled: cap its length
+
+
+@constexpr_function
+def band_rows(TILE_P, H):
+    bands = tile_bands(TILE_P, H)
+    return min(MAX_BAND_ROWS, -(-H // bands))
 
 
 @triton.jit
-def tile_coords(pid, Cg, H, W, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
-    """(n * G + g, channel block, row block, column block) of program pid."""
-    tiles_w = tl.cdiv(W, BLOCK_W)
-    tiles_h = tl.cdiv(H, BLOCK_H)
-    tiles_c = tl.cdiv(Cg, BLOCK_C)
-    wb = pid % tiles_w
-    rest = pid // tiles_w
-    hb = rest % tiles_h
-    rest = rest // tiles_h
+def nchw_tile(src, mean, p_ok, p_c, h0, starts, H: tl.constexpr, W: tl.constexpr, TH: tl.constexpr,
+              VEC: tl.constexpr, RADIUS_H: tl.constexpr, RADIUS_W: tl.constexpr, HALO: tl.constexpr,
+              ADJOINT: tl.constexpr, ACC: tl.constexpr):
+    """TH rows of an NCHW tile.  Strip p is channel p_c[p] from row h0[p] ([P, 1, 1] each);
+    ``starts`` the first columns of the tile's vectors, [1, BLOCK_W / VEC, 1] (one vector of
+    VEC columns per thread and group).  Each row is loaded with HALO columns either side of
+    every vector.
+
+    Returns tuples over the TH output rows: the values as loaded; the box sums (centred:
+    of x - mean, not yet divided by the counts; adjoint: of dy / cnt_h / cnt_w); the
+    in-sample offsets; the masks; 1 / (cnt_h * cnt_w)."""
+    cols = starts + tl.arange(0, VEC)[None, None, :]
+    left = starts - HALO + tl.arange(0, HALO)[None, None, :]
+    right = starts + VEC + tl.arange(0, HALO)[None, None, :]
+    col_ok, left_ok, right_ok = cols < W, left >= 0, right < W
+    inv_c = inv_window_count(cols, RADIUS_W, W, ACC)
+    inv_l, inv_r = 0.0, 0.0
+    if ADJOINT:
+        inv_l = inv_window_count(left, RADIUS_W, W, ACC)
+        inv_r = inv_window_count(right, RADIUS_W, W, ACC)
+    row_sums = ()
+    centres = ()
+    offsets = ()
+    masks = ()
+    invs = ()
+    for j in tl.static_range(TH + 2 * RADIUS_H):
+        h = h0 + (j - RADIUS_H)
+        row_ok = p_ok & (h >= 0) & (h < H)
+        at = (p_c * H + h) * W
+        inv_h = inv_window_count(h, RADIUS_H, H, ACC)
+        ok_c, ok_l, ok_r = row_ok & col_ok, row_ok & left_ok, row_ok & right_ok
+        v_c = tl.load(src + at + cols, mask=ok_c, other=0.0).to(ACC)
+        v_l = tl.load(src + at + left, mask=ok_l, other=0.0).to(ACC)
+        v_r = tl.load(src + at + right, mask=ok_r, other=0.0).to(ACC)
+        seq = (split_last(_prepare(v_l, ok_l, mean, inv_h, inv_l, ADJOINT))
+               + split_last(_prepare(v_c, ok_c, mean, inv_h, inv_c, ADJOINT))
+               + split_last(_prepare(v_r, ok_r, mean, inv_h, inv_r, ADJOINT)))
+        row_sums = row_sums + (_window_sums(seq, HALO, VEC, RADIUS_W),)
+        if j >= RADIUS_H:
+            if j < RADIUS_H + TH:
+                centres = centres + (v_c,)
+                offsets = offsets + (at + cols,)
+                masks = masks + (ok_c,)
+                invs = invs + (inv_h * inv_c,)
+    boxes = ()
+    for i in tl.static_range(TH):
+        slots = ()
+        for k in tl.static_range(VEC):
+            acc = row_sums[i + RADIUS_H][k]
+            for d in tl.static_range(1, RADIUS_H + 1):
+                acc += row_sums[i + RADIUS_H - d][k] + row_sums[i + RADIUS_H + d][k]
+            slots = slots + (acc,)
+        boxes = boxes + (join_last(slots),)
+    return centres, boxes, offsets, masks, invs
+
+
+@triton.jit
+def cl_tile(src, mean, p_ok, h0, c, c_ok, w0, C, H: tl.constexpr, W: tl.constexpr, TH: tl.constexpr,
+            TW: tl.constexpr, RADIUS_H: tl.constexpr, RADIUS_W: tl.constexpr, ADJOINT: tl.constexpr,
+            ACC: tl.constexpr):
+    """TH rows x TW columns of a channels_last tile.  Strip p starts at row h0[p] ([P, 1]);
+    the columns start at w0; ``c`` the tile's channels ([1, BLOCK_C], one vector per
+    thread).  Each (row, column) of the tile and halo is one [P, BLOCK_C] load.
+
+    Returns tuples over the TH * TW outputs (row-major), as ``nchw_tile``."""
+    row_sums = ()
+    centres = ()
+    offsets = ()
+    masks = ()
+    invs = ()
+    for j in tl.static_range(TH + 2 * RADIUS_H):
+        h = h0 + (j - RADIUS_H)
+        row_ok = p_ok & c_ok & (h >= 0) & (h < H)
+        inv_h = inv_window_count(h, RADIUS_H, H, ACC)
+        row = h * (W * C) + c
+        seq = ()
+        for e in tl.static_range(TW + 2 * RADIUS_W):
+            w = w0 + (e - RADIUS_W)
+            ok = row_ok & (w >= 0) & (w < W)
+            inv_w = inv_window_count(w, RADIUS_W, W, ACC)
+            v = tl.load(src + row + w * C, mask=ok, other=0.0).to(ACC)
+            seq = seq + (_prepare(v, ok, mean, inv_h, inv_w, ADJOINT),)
+            if j >= RADIUS_H:
+                if j < RADIUS_H + TH:
+                    if e >= RADIUS_W:
+                        if e < RADIUS_W + TW:
+                            centres = centres + (v,)
+                            offsets = offsets + (row + w * C,)
+                            masks = masks + (ok,)
+                            invs = invs + (inv_h * inv_w,)
+        row_sums = row_sums + (_window_sums(seq, RADIUS_W, TW, RADIUS_W),)
+    boxes = ()
+    for i in tl.static_range(TH):
+        for t in tl.static_range(TW):
+            acc = row_sums[i + RADIUS_H][t]
+            for d in tl.static_range(1, RADIUS_H + 1):
+                acc += row_sums[i + RADIUS_H - d][t] + row_sums[i + RADIUS_H + d][t]
+            boxes = boxes + (acc,)
+    return centres, boxes, offsets, masks, invs
+
+
+@triton.jit
+def tile_coords(pid, Cg, TILES_H: tl.constexpr, TILES_W: tl.constexpr, TC: tl.constexpr):
+    """(n * G + g, channel block, row block, column block) of tile program pid.  Programs
+    run along W fastest, then H, then the channel blocks of a group, then groups and
+    samples, so neighbouring programs share their halo rows in cache."""
+    wb = pid % TILES_W
+    rest = pid // TILES_W
+    hb = rest % TILES_H
+    rest = rest // TILES_H
+    tiles_c = tl.cdiv(Cg, TC)
     return rest // tiles_c, rest % tiles_c, hb, wb
 
 
 @triton.jit
-def nchw_rows(ng, cb, hb, G, Cg, H, W, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, WIDE: tl.constexpr):
-    """The rows of an NCHW tile: BLOCK_C channel planes of BLOCK_H rows each, as
-    [rows, 1, 1] tensors: channel index, row index h, validity and in-sample offset."""
-    r = tl.arange(0, BLOCK_C * BLOCK_H)
-    c_in_group = cb * BLOCK_C + r // BLOCK_H
-    h = hb * BLOCK_H + r % BLOCK_H
-    if WIDE:
-        c_in_group = c_in_group.to(tl.int64)
-        h = h.to(tl.int64)
-    c = (ng % G) * Cg + c_in_group
-    row_ok = (c_in_group < Cg) & (h < H)
-    row_off = (c * H + h) * W
-    return c[:, None, None], h[:, None, None], row_ok[:, None, None], row_off[:, None, None]
+def pooled_tile(src, mean, ng, cb, hb, wb, G, Cg, C, H: tl.constexpr, W: tl.constexpr, VEC: tl.constexpr,
+                CHANNELS_LAST: tl.constexpr, RADIUS_H: tl.constexpr, RADIUS_W: tl.constexpr, HALO: tl.constexpr,
+                WIDE: tl.constexpr, CG_P2: tl.constexpr, BLOCK_W: tl.constexpr, TILE_P: tl.constexpr,
+                TILE_C: tl.constexpr, TILE_W: tl.constexpr, ADJOINT: tl.constexpr, ACC: tl.constexpr):
+    """Tile (cb, hb, wb) of group ng of one sample (``src`` points at the sample): the
+    tuples of ``nchw_tile`` / ``cl_tile``, then the channel index of the tile's elements and
+    its validity, shaped to broadcast against them ([P, 1, 1] NCHW, [1, TC] channels_last)."""
+    TC: tl.constexpr = tile_channels(CHANNELS_LAST, TILE_P, TILE_C, H, CG_P2)
+    BANDS: tl.constexpr = tile_bands(TILE_P, H)
+    TH: tl.constexpr = band_rows(TILE_P, H)
+    P: tl.constexpr = tile_strips(CHANNELS_LAST, TILE_P, TILE_C, H, CG_P2)
+    p = tl.arange(0, P)
+    if CHANNELS_LAST:
+        TW: tl.constexpr = tile_columns(True, TILE_W, BLOCK_W, W)
+        h0 = hb * (BANDS * TH) + p[:, None] * TH
+        c_in_group = cb * TC + tl.arange(0, TC)[None, :]
+        if WIDE:
+            h0 = h0.to(tl.int64)
+            c_in_group = c_in_group.to(tl.int64)
+        c = (ng % G) * Cg + c_in_group
+        c_ok = c_in_group < Cg
+        centres, boxes, offsets, masks, invs = cl_tile(src, mean, h0 < H, h0, c, c_ok, wb * TW, C, H, W, TH, TW,
+                                                       RADIUS_H, RADIUS_W, ADJOINT, ACC)
+    else:
+        c_in_group = cb * TC + (p // BANDS)[:, None, None]
+        h0 = hb * (BANDS * TH) + (p % BANDS)[:, None, None] * TH
+        if WIDE:
+            c_in_group = c_in_group.to(tl.int64)
+        c = (ng % G) * Cg + c_in_group
+        c_ok = c_in_group < Cg
+        starts = wb * BLOCK_W + tl.arange(0, BLOCK_W // VEC)[None, :, None] * VEC
+        centres, boxes, offsets, masks, invs = nchw_tile(src, mean, c_ok, c, h0, starts, H, W, TH, VEC,
+                                                         RADIUS_H, RADIUS_W, HALO, ADJOINT, ACC)
+    return centres, boxes, offsets, masks, invs, c, c_ok
 
 
-@triton.jit
-def nchw_columns(wb, BLOCK_W: tl.constexpr, VEC: tl.constexpr, HALO: tl.constexpr, WIDE: tl.constexpr):
-    """The columns of an NCHW tile as [1, BLOCK_W / VEC, VEC] (each thread's vector) and the
-    HALO columns before and after each vector, [1, BLOCK_W / VEC, HALO] each."""
-    start = wb * BLOCK_W + tl.arange(0, BLOCK_W // VEC)[None, :, None] * VEC
-    if WIDE:
-        start = start.to(tl.int64)
-    cols = start + tl.arange(0, VEC)[None, None, :]
-    left = start - HALO + tl.arange(0, HALO)[None, None, :]
-    right = start + VEC + tl.arange(0, HALO)[None, None, :]
-    return cols, left, right
-
-
-@triton.jit
-def nchw_pool(src, taps, cols, left, right, W, mean, RADIUS_W: tl.constexpr, ADJOINT: tl.constexpr,
-              ACC: tl.constexpr):
-    """The centre row of src over an NCHW tile and its box sum (vertical then horizontal;
-    see ``vertical_window`` for the centred and adjoint forms)."""
-    centre, v_centre = vertical_window(src, taps, cols, cols < W, mean, cols, RADIUS_W, W, ADJOINT, ACC)
-    _, v_left = vertical_window(src, taps, left, left >= 0, mean, left, RADIUS_W, W, ADJOINT, ACC)
-    _, v_right = vertical_window(src, taps, right, right < W, mean, right, RADIUS_W, W, ADJOINT, ACC)
-    return centre, horizontal_window(v_left, v_centre, v_right, RADIUS_W)
-
-
-@triton.jit
-def cl_pool(src, taps, c, c_ok, w0, C, W, mean, RADIUS_W: tl.constexpr, BLOCK_W: tl.constexpr,
-            ADJOINT: tl.constexpr, ACC: tl.constexpr):
-    """Columns w0 .. w0 + BLOCK_W - 1 of a channels_last tile ([BLOCK_H, BLOCK_C] each):
-    the tuple of their values as loaded and the tuple of their box sums.  Each of the
-    BLOCK_W + 2r columns the windows touch is summed vertically once."""
-    vsum = ()
-    centres = ()
-    for e in tl.static_range(BLOCK_W + 2 * RADIUS_W):
-        w = w0 + (e - RADIUS_W)
-        centre, v = vertical_window(src, taps, w * C + c, c_ok & (w >= 0) & (w < W), mean, w, RADIUS_W, W,
-                                    ADJOINT, ACC)
-        vsum = vsum + (v,)
-        if e >= RADIUS_W:
-            if e < RADIUS_W + BLOCK_W:
-                centres = centres + (centre,)
-    boxes = ()
-    for i in tl.static_range(BLOCK_W):
-        acc = vsum[i + RADIUS_W]
-        for d in tl.static_range(1, RADIUS_W + 1):
-            acc += vsum[i + RADIUS_W - d] + vsum[i + RADIUS_W + d]
-        boxes = boxes + (acc,)
-    return centres, boxes
-
-
-@triton.jit
-def cl_rows_channels(ng, cb, hb, G, Cg, H, W, C, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, WIDE: tl.constexpr):
-    """Rows ([BLOCK_H, 1]: h, validity, in-sample offset of (h, w=0)) and channels
-    ([1, BLOCK_C]: index, validity) of a channels_last tile."""
-    h = hb * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
-    c_in_group = cb * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
-    if WIDE:
-        h = h.to(tl.int64)
-        c_in_group = c_in_group.to(tl.int64)
-    return h, h < H, h * W * C, (ng % G) * Cg + c_in_group, c_in_group < Cg
+@constexpr_function
+def tiles_along(length, tile):
+    return -(-length // tile)
 
 
 # ---------------------------------------------------------------------------------------
-# Tile sizes.  An autotuning configuration names TILE_ROWS (NCHW: channel planes x rows;
-# channels_last: rows) and, for channels_last, TILE_COLS and TILE_CHANNELS; the host passes
-# the rest (NCHW: TILE_COLS = its column block).  These functions, run by the compiler on
-# constexprs and by the host for the grid, clip a configuration to the plane, so that every
-# configuration is valid for every shape.
+# Tile sizes.  An autotuning configuration names TILE_P (strips per program: NCHW channel
+# planes x bands of rows, channels_last bands of rows) and, for channels_last, TILE_C
+# (channels) and TILE_W (columns); the host passes BLOCK_W (NCHW columns per tile).  These
+# functions, run by the compiler on constexprs and by the host for the grid, fit a
+# configuration to the shape, so that every configuration is valid for every shape.
 
 
 @constexpr_function
-def tile_h(TILE_ROWS, H_P2):
-    """Rows of a tile (per channel plane for NCHW)."""
-    return min(TILE_ROWS, H_P2)
-
-
-@constexpr_function
-def tile_c(CHANNELS_LAST, TILE_ROWS, TILE_CHANNELS, H_P2, CG_P2):
-    """Channels of a tile: NCHW stacks whole small planes; channels_last takes up to
-    TILE_CHANNELS of one group."""
+def tile_channels(CHANNELS_LAST, TILE_P, TILE_C, H, CG_P2):
+    """Channels of a tile: NCHW stacks planes (strips beyond the bands); channels_last
+    takes up to TILE_C of one group."""
     if CHANNELS_LAST:
-        return min(TILE_CHANNELS, CG_P2)
-    return min(max(TILE_ROWS // min(TILE_ROWS, H_P2), 1), CG_P2)
+        return min(TILE_C, CG_P2)
+    return min(max(TILE_P // tile_bands(TILE_P, H), 1), CG_P2)
 
 
 @constexpr_function
-def tile_w(CHANNELS_LAST, TILE_COLS, W_P2):
-    """Columns of a tile (NCHW: the host's column block)."""
-    return min(TILE_COLS, W_P2) if CHANNELS_LAST else TILE_COLS
+def tile_strips(CHANNELS_LAST, TILE_P, TILE_C, H, CG_P2):
+    """P, the strips of a program: the first axis of its tensors."""
+    bands = tile_bands(TILE_P, H)
+    return bands if CHANNELS_LAST else bands * tile_channels(False, TILE_P, TILE_C, H, CG_P2)
 
 
-def tile_shape(args, tile_rows: int, tile_cols: int, tile_channels: int):
-    """(channels, rows, columns) of a tile, from the kernel's shape arguments ``args``."""
-    cl = args["CHANNELS_LAST"]
-    return (tile_c(cl, tile_rows, tile_channels, args["H_P2"], args["CG_P2"]), tile_h(tile_rows, args["H_P2"]),
-            tile_w(cl, tile_cols, args["W_P2"]))
+@constexpr_function
+def tile_columns(CHANNELS_LAST, TILE_W, BLOCK_W, W):
+    return min(TILE_W, W) if CHANNELS_LAST else BLOCK_W
 
 
-# Loaded values a thread may hold at once: ptxas hoists the loads of the whole window to
-# overlap them, and each needs a register (measured: about 1.2 registers per value, see
-# ``python -m fused_poolformer.triton.aot``).  Past this many a kernel nears 255 registers.
+def tile_shape(args):
+    """(channels, rows, columns) of a tile, from a kernel's arguments (with a configuration)."""
+    cl, tile_p, H = args["CHANNELS_LAST"], args["TILE_P"], args["H"]
+    rows = tile_bands(tile_p, H) * band_rows(tile_p, H)
+    return (tile_channels(cl, tile_p, args["TILE_C"], H, args["CG_P2"]), rows,
+            tile_columns(cl, args["TILE_W"], args["BLOCK_W"], args["W"]))
+
+
+# Loaded values a thread may hold at once: ptxas hoists the loads of a whole tile to
+# overlap them, and each needs a register.  Past this many a kernel nears 255 registers
+# (``python -m fused_poolformer.triton.aot`` prints them).
 LOADS_IN_FLIGHT = 160
 
 
-def tile_cost(args, tile_rows: int, tile_cols: int, tile_channels: int, num_warps: int):
-    """(elements per thread along the contiguous axis, loads in flight per thread) of a
-    tile: the first must reach the vector width for 16-byte accesses."""
-    tc, th, tw = tile_shape(args, tile_rows, tile_cols, tile_channels)
-    taps = 2 * args["RADIUS_H"] + 1
+def tile_cost(args, num_warps: int):
+    """(elements per thread along the contiguous axis of one loaded block, loads in flight
+    per thread) of a tile: the first must reach the vector width for 16-byte accesses."""
+    cl, H = args["CHANNELS_LAST"], args["H"]
+    tc, _, tw = tile_shape(args)
+    strips = tile_strips(cl, args["TILE_P"], args["TILE_C"], H, args["CG_P2"])
+    rows = band_rows(args["TILE_P"], H) + 2 * args["RADIUS_H"]
     threads = 32 * num_warps
-    if args["CHANNELS_LAST"]:
-        per_thread = tc * th / threads  # of one column
-        return per_thread, per_thread * (tw + 2 * args["RADIUS_W"]) * taps
-    per_thread = tc * th * tw / threads
-    return per_thread, per_thread * (1 + 2 * args["HALO"] / args["VEC_W"]) * taps
+    if cl:
+        per_thread = strips * tc / threads
+        return per_thread, per_thread * rows * (tw + 2 * args["RADIUS_W"])
+    per_thread = strips * tw / threads
+    return per_thread, per_thread * rows * (1 + 2 * args["HALO"] / args["VEC"])
 
 
 def fitting_tiles(configs, args):
     """The configurations whose tiles give every thread whole vectors without exceeding
-    LOADS_IN_FLIGHT; failing that, the cheapest one."""
-    vec = args["VEC_C"] if args["CHANNELS_LAST"] else args["VEC_W"]
+    LOADS_IN_FLIGHT; failing that, those within the budget; failing that, the cheapest."""
     scored = []
     for cfg in configs:
-        kw = {**args, **cfg.kwargs}
-        per_thread, in_flight = tile_cost(args, kw["TILE_ROWS"], kw["TILE_COLS"], kw.get("TILE_CHANNELS", 1),
-                                          cfg.num_warps)
-        scored.append((cfg, per_thread >= vec, in_flight <= LOADS_IN_FLIGHT, in_flight))
+        per_thread, in_flight = tile_cost({**args, **cfg.kwargs}, cfg.num_warps)
+        scored.append((cfg, per_thread >= args["VEC"], in_flight <= LOADS_IN_FLIGHT, in_flight))
     good = [cfg for cfg, whole, fits, _ in scored if whole and fits]
     if good:
         return good
@@ -398,9 +471,9 @@ class Geometry:
 
     ``vec`` is the vector width in elements along the contiguous axis (W for NCHW, C for
     channels_last): the largest power of two up to 16 bytes that divides it (and the
-    group's channel count), so that every row of a tile starts on a vector boundary.  The
-    kernels receive that axis' length divided by ``vec`` and multiply it back, which tells
-    the compiler the alignment (it only infers divisibility by 16 from arguments).
+    group's channel count), so that every row of a tile starts on a vector boundary.  H and
+    W reach the kernels as constants; the channels_last channel count as Cg / vec, which
+    tells the compiler its alignment (it only infers divisibility by 16 from arguments).
     """
 
     def __init__(self, shape, element_size: int, channels_last: bool, num_groups: int, pool_size: int):
@@ -414,38 +487,35 @@ class Geometry:
         self.radius_w = min(radius, max(self.W - 1, 0))
         self.halo = next_pow2(self.radius_w)
         max_vec = VECTOR_BYTES // element_size
-        if channels_last:
-            self.vec = largest_pow2_dividing(self.Cg, max_vec)
-            self.vec_c, self.vec_w = self.vec, 1
-        else:
-            self.vec = largest_pow2_dividing(self.W, max_vec)
-            self.vec_c, self.vec_w = 1, self.vec
+        self.vec = largest_pow2_dividing(self.Cg if channels_last else self.W, max_vec)
+        self.vec_c = self.vec if channels_last else 1
         self.wide = self.C * self.H * self.W >= INT32_LIMIT
-        self.h_p2, self.w_p2, self.cg_p2 = next_pow2(self.H), next_pow2(self.W), next_pow2(self.Cg)
-        self.block_w = max(self.vec, min(self.w_p2, MAX_NCHW_BLOCK_W))  # NCHW columns
+        self.cg_p2 = next_pow2(self.Cg)
+        self.block_w = max(self.vec, min(next_pow2(self.W), MAX_NCHW_BLOCK_W))  # NCHW columns
 
     def shape_args(self):
         """The shape arguments of the tile kernels, by name (NCHW: with its column block)."""
         args = dict(
-            G=self.G, CG_V=self.Cg // self.vec_c, H=self.H, W_V=self.W // self.vec_w,
-            VEC_C=self.vec_c, VEC_W=self.vec_w, CHANNELS_LAST=self.channels_last,
-            RADIUS_H=self.radius_h, RADIUS_W=self.radius_w, HALO=self.halo, WIDE=self.wide,
-            H_P2=self.h_p2, W_P2=self.w_p2, CG_P2=self.cg_p2,
+            G=self.G, CG_V=self.Cg // self.vec_c, H=self.H, W=self.W, VEC=self.vec, VEC_C=self.vec_c,
+            CHANNELS_LAST=self.channels_last, RADIUS_H=self.radius_h, RADIUS_W=self.radius_w, HALO=self.halo,
+            WIDE=self.wide, CG_P2=self.cg_p2, BLOCK_W=self.block_w,
         )
         if not self.channels_last:
-            args.update(TILE_COLS=self.block_w, TILE_CHANNELS=1)
+            args.update(TILE_C=1, TILE_W=1)
         return args
 
-    def tiles_per_sample(self, meta):
-        """(tiles per (n, g), spatial tiles per channel plane) for a configuration."""
-        tc, th, tw = tile_shape({**self.shape_args(), **meta}, meta["TILE_ROWS"], meta["TILE_COLS"],
-                                meta["TILE_CHANNELS"])
-        spatial = triton.cdiv(self.H, th) * triton.cdiv(self.W, tw)
-        return triton.cdiv(self.Cg, tc) * spatial, spatial
+    def tiles_per_group(self, meta) -> int:
+        tc, th, tw = tile_shape({**self.shape_args(), **meta})
+        return triton.cdiv(self.Cg, tc) * triton.cdiv(self.H, th) * triton.cdiv(self.W, tw)
+
+    def slots(self, meta) -> int:
+        """Spatial tiles per channel plane."""
+        _, th, tw = tile_shape({**self.shape_args(), **meta})
+        return triton.cdiv(self.H, th) * triton.cdiv(self.W, tw)
 
     def tile_programs(self, meta) -> int:
         """Programs of a tile kernel launched with configuration ``meta``."""
-        return self.N * self.G * self.tiles_per_sample({**self.shape_args(), **meta})[0]
+        return self.N * self.G * self.tiles_per_group(meta)
 
 
 # ---------------------------------------------------------------------------------------
@@ -453,25 +523,24 @@ class Geometry:
 # tensors' dtypes); configurations whose tiles do not fit the shape are pruned first
 # (``fitting_tiles``).  The interpreter gets one configuration.
 
-AUTOTUNE_KEY = ["N", "G", "CG_V", "H", "W_V", "CHANNELS_LAST", "RADIUS_H", "RADIUS_W", "WRITE_DX"]
+AUTOTUNE_KEY = ["N", "G", "CG_V", "H", "W", "CHANNELS_LAST", "RADIUS_H", "RADIUS_W", "WRITE_DX"]
 
 NCHW_CONFIGS = [
-    triton.Config({"TILE_ROWS": rows}, num_warps=warps)
-    for rows, warps in ((8, 4), (16, 4), (32, 4), (16, 8), (32, 8), (64, 8), (128, 8))
+    triton.Config({"TILE_P": strips}, num_warps=warps)
+    for strips, warps in ((8, 4), (16, 4), (32, 4), (16, 8), (32, 8), (64, 8))
 ]
 CHANNELS_LAST_CONFIGS = [
-    triton.Config({"TILE_ROWS": rows, "TILE_COLS": cols, "TILE_CHANNELS": chans}, num_warps=warps)
-    for rows, cols, chans, warps in (
-        (8, 4, 64, 4), (8, 8, 64, 4), (16, 4, 64, 4), (16, 2, 64, 4), (16, 4, 64, 8), (32, 4, 64, 8),
-        (4, 4, 128, 4), (4, 8, 128, 4), (8, 4, 128, 4), (8, 2, 128, 4), (8, 4, 128, 8), (2, 4, 256, 4),
-        (4, 4, 256, 4), (4, 2, 64, 4), (2, 2, 64, 4),
+    triton.Config({"TILE_P": strips, "TILE_C": chans, "TILE_W": cols}, num_warps=warps)
+    for strips, chans, cols, warps in (
+        (8, 64, 2, 4), (8, 64, 4, 4), (4, 128, 2, 4), (4, 128, 4, 4), (2, 256, 4, 4), (16, 64, 2, 8),
+        (8, 128, 2, 8), (16, 64, 4, 4), (8, 128, 4, 4), (4, 256, 4, 4), (2, 64, 2, 4), (1, 64, 2, 4),
     )
 ]
 # The interpreter pays per operation, not per element: large tiles, few programs.  (Tests
 # that need several tiles per plane swap in small ones.)
 INTERPRETER_CONFIGS = {
-    False: [triton.Config({"TILE_ROWS": 64})],
-    True: [triton.Config({"TILE_ROWS": 16, "TILE_COLS": 16, "TILE_CHANNELS": 64})],
+    False: [triton.Config({"TILE_P": 16})],
+    True: [triton.Config({"TILE_P": 2, "TILE_C": 64, "TILE_W": 16})],
 }
 
 

@@ -24,22 +24,18 @@ from .common import (
     INTERPRET,
     Geometry,
     autotuned,
+    band_rows,
     divide,
-    cl_pool,
-    cl_rows_channels,
-    inv_window_count,
-    nchw_columns,
-    nchw_pool,
-    nchw_rows,
     next_pow2,
     pairwise_dot,
     pairwise_sum,
-    row_taps,
+    pooled_tile,
     sqrt_rn,
-    tile_c,
+    tile_bands,
+    tile_channels,
+    tile_columns,
     tile_coords,
-    tile_h,
-    tile_w,
+    tiles_along,
     vector_or_ones,
 )
 
@@ -141,21 +137,20 @@ def mixer_output(x, box, inv_count, mean, coef, res):
 
 @triton.jit
 def _apply_kernel(x_ptr, y_ptr, part_ptr, mean_ptr, rstd_ptr, weight_ptr, layer_ptr, res_ptr, sample_ptr,
-                  N, G, CG_V, H, W_V, PARTS, eps_hi, eps_lo,
+                  N, G, CG_V, PARTS, eps_hi, eps_lo,
                   HAS_WEIGHT: tl.constexpr, HAS_LAYER: tl.constexpr, HAS_RES: tl.constexpr,
                   HAS_SAMPLE: tl.constexpr, PARTS_P2: tl.constexpr,
-                  VEC_C: tl.constexpr, VEC_W: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-                  RADIUS_H: tl.constexpr, RADIUS_W: tl.constexpr, HALO: tl.constexpr, WIDE: tl.constexpr,
-                  H_P2: tl.constexpr, W_P2: tl.constexpr, CG_P2: tl.constexpr,
-                  TILE_ROWS: tl.constexpr, TILE_COLS: tl.constexpr, TILE_CHANNELS: tl.constexpr):
+                  H: tl.constexpr, W: tl.constexpr, VEC: tl.constexpr, VEC_C: tl.constexpr,
+                  CHANNELS_LAST: tl.constexpr, RADIUS_H: tl.constexpr, RADIUS_W: tl.constexpr,
+                  HALO: tl.constexpr, WIDE: tl.constexpr, CG_P2: tl.constexpr, BLOCK_W: tl.constexpr,
+                  TILE_P: tl.constexpr, TILE_C: tl.constexpr, TILE_W: tl.constexpr):
     ACC: tl.constexpr = rstd_ptr.dtype.element_ty
-    TC: tl.constexpr = tile_c(CHANNELS_LAST, TILE_ROWS, TILE_CHANNELS, H_P2, CG_P2)
-    TH: tl.constexpr = tile_h(TILE_ROWS, H_P2)
-    TW: tl.constexpr = tile_w(CHANNELS_LAST, TILE_COLS, W_P2)
     Cg = CG_V * VEC_C
-    W = W_V * VEC_W
     C = G * Cg
-    ng, cb, hb, wb = tile_coords(tl.program_id(0), Cg, H, W, TC, TH, TW)
+    TC: tl.constexpr = tile_channels(CHANNELS_LAST, TILE_P, TILE_C, H, CG_P2)
+    TILES_H: tl.constexpr = tiles_along(H, tile_bands(TILE_P, H) * band_rows(TILE_P, H))
+    TILES_W: tl.constexpr = tiles_along(W, tile_columns(CHANNELS_LAST, TILE_W, BLOCK_W, W))
+    ng, cb, hb, wb = tile_coords(tl.program_id(0), Cg, TILES_H, TILES_W, TC)
     n = ng // G
     mean, rstd = merge_statistics(part_ptr, ng, PARTS, eps_hi, eps_lo, PARTS_P2, ACC)
     first = (cb == 0) & (hb == 0) & (wb == 0)
@@ -165,32 +160,15 @@ def _apply_kernel(x_ptr, y_ptr, part_ptr, mean_ptr, rstd_ptr, weight_ptr, layer_
     if HAS_SAMPLE:
         factor = factor * tl.load(sample_ptr + n).to(ACC)
     base = n.to(tl.int64) * C * H * W
-    if CHANNELS_LAST:
-        h, row_ok, row_off, c, c_ok = cl_rows_channels(ng, cb, hb, G, Cg, H, W, C, TC, TH, WIDE)
-        coef = (vector_or_ones(weight_ptr, c, c_ok, HAS_WEIGHT, ACC)
-                * vector_or_ones(layer_ptr, c, c_ok, HAS_LAYER, ACC)) * factor
-        res = vector_or_ones(res_ptr, c, c_ok, HAS_RES, ACC)
-        w0 = wb * TW
-        taps = row_taps(row_off, h, row_ok, W * C, H, RADIUS_H, False, ACC)
-        centres, boxes = cl_pool(x_ptr + base, taps, c, c_ok, w0, C, W, mean, RADIUS_W, TW, False, ACC)
-        inv_h = inv_window_count(h, RADIUS_H, H, ACC)
-        for i in tl.static_range(TW):
-            w = w0 + i
-            out = mixer_output(centres[i], boxes[i], inv_h * inv_window_count(w, RADIUS_W, W, ACC),
-                               mean, coef, res)
-            tl.store(y_ptr + base + row_off + w * C + c, out.to(y_ptr.dtype.element_ty),
-                     mask=row_ok & c_ok & (w < W))
-    else:
-        c, h, row_ok, row_off = nchw_rows(ng, cb, hb, G, Cg, H, W, TC, TH, WIDE)
-        cols, left, right = nchw_columns(wb, TW, VEC_W, HALO, WIDE)
-        coef = (vector_or_ones(weight_ptr, c, row_ok, HAS_WEIGHT, ACC)
-                * vector_or_ones(layer_ptr, c, row_ok, HAS_LAYER, ACC)) * factor
-        res = vector_or_ones(res_ptr, c, row_ok, HAS_RES, ACC)
-        taps = row_taps(row_off, h, row_ok, W, H, RADIUS_H, False, ACC)
-        centre, box = nchw_pool(x_ptr + base, taps, cols, left, right, W, mean, RADIUS_W, False, ACC)
-        inv_count = inv_window_count(h, RADIUS_H, H, ACC) * inv_window_count(cols, RADIUS_W, W, ACC)
-        out = mixer_output(centre, box, inv_count, mean, coef, res)
-        tl.store(y_ptr + base + row_off + cols, out.to(y_ptr.dtype.element_ty), mask=row_ok & (cols < W))
+    centres, boxes, offsets, masks, invs, c, c_ok = pooled_tile(
+        x_ptr + base, mean, ng, cb, hb, wb, G, Cg, C, H, W, VEC, CHANNELS_LAST, RADIUS_H, RADIUS_W, HALO, WIDE,
+        CG_P2, BLOCK_W, TILE_P, TILE_C, TILE_W, False, ACC)
+    coef = (vector_or_ones(weight_ptr, c, c_ok, HAS_WEIGHT, ACC)
+            * vector_or_ones(layer_ptr, c, c_ok, HAS_LAYER, ACC)) * factor
+    res = vector_or_ones(res_ptr, c, c_ok, HAS_RES, ACC)
+    for o in tl.static_range(len(centres)):
+        out = mixer_output(centres[o], boxes[o], invs[o], mean, coef, res)
+        tl.store(y_ptr + base + offsets[o], out.to(y_ptr.dtype.element_ty), mask=masks[o])
 
 
 _APPLY = {cl: autotuned(_apply_kernel, cl) for cl in (False, True)}
