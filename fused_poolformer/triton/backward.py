@@ -25,16 +25,19 @@ from .common import (
     INTERPRET,
     Geometry,
     autotuned,
-    band_rows,
+    cl_tile_setup,
+    cl_window_start,
+    cl_window_step,
     divide,
     fitting_tiles,
+    nchw_pooled_tile,
     next_pow2,
     pairwise_sum,
-    pooled_tile,
-    tile_bands,
+    strip_columns,
     tile_channels,
     tile_columns,
     tile_coords,
+    tile_rows,
     tiles_along,
     vector_or_ones,
 )
@@ -43,10 +46,11 @@ from .common import (
 # shape).  The interpreter gets small tiles, so that the tests' small planes have several.
 _SUMS_WARPS = 8
 # Sums tiles, most preferred first (the first that fits the shape is used):
-# NCHW strips; channels_last (strips, channels, columns).
+# NCHW strips; channels_last (strips, channels, columns per strip, rows).
 _SUMS_NCHW_TILES = [4] if INTERPRET else [64, 32, 16, 8, 4, 2, 1]
-_SUMS_CL_TILES = [(1, 64, 16)] if INTERPRET else [
-    (16, 64, 2), (8, 128, 2), (8, 64, 2), (4, 128, 2), (4, 256, 2), (4, 64, 2), (2, 64, 2), (1, 64, 2),
+_SUMS_CL_TILES = [(2, 64, 8, 64)] if INTERPRET else [
+    (16, 64, 2, 16), (8, 128, 2, 16), (8, 64, 2, 16), (4, 128, 2, 16), (4, 256, 2, 16), (4, 64, 2, 16),
+    (2, 64, 2, 16), (1, 64, 2, 16),
 ]
 _SUMS_PROGRAMS = 8 if INTERPRET else 1024
 # Every dx program folds its group's S partials (each thread loads them all), so a group
@@ -71,14 +75,14 @@ def _sums_kernel(x_ptr, dy_ptr, mean_ptr, rstd_ptr, weight_ptr, layer_ptr, sampl
                  H: tl.constexpr, W: tl.constexpr, VEC: tl.constexpr, VEC_C: tl.constexpr,
                  CHANNELS_LAST: tl.constexpr, RADIUS_H: tl.constexpr, RADIUS_W: tl.constexpr,
                  HALO: tl.constexpr, WIDE: tl.constexpr, CG_P2: tl.constexpr, BLOCK_W: tl.constexpr,
-                 TILE_P: tl.constexpr, TILE_C: tl.constexpr, TILE_W: tl.constexpr):
+                 TILE_P: tl.constexpr, TILE_C: tl.constexpr, TILE_W: tl.constexpr, TILE_H: tl.constexpr):
     ACC: tl.constexpr = mean_ptr.dtype.element_ty
     Cg = CG_V * VEC_C
     C = G * Cg
     TC: tl.constexpr = tile_channels(CHANNELS_LAST, TILE_P, TILE_C, H, CG_P2)
-    TILES_H: tl.constexpr = tiles_along(H, tile_bands(TILE_P, H) * band_rows(TILE_P, H))
-    TILES_W: tl.constexpr = tiles_along(W, tile_columns(CHANNELS_LAST, TILE_W, BLOCK_W, W))
-    SLOTS: tl.constexpr = TILES_H * TILES_W
+    TH: tl.constexpr = tile_rows(CHANNELS_LAST, TILE_P, TILE_H, H)
+    TILES_W: tl.constexpr = tiles_along(W, tile_columns(CHANNELS_LAST, TILE_P, TILE_W, BLOCK_W, W))
+    SLOTS: tl.constexpr = tiles_along(H, TH) * TILES_W
     pid = tl.program_id(0)
     ng = pid // PARTS
     k = pid % PARTS
@@ -89,6 +93,8 @@ def _sums_kernel(x_ptr, dy_ptr, mean_ptr, rstd_ptr, weight_ptr, layer_ptr, sampl
         sample = tl.load(sample_ptr + n).to(ACC)
     t_factor = tl.load(rstd_ptr + ng) * sample
     base = n.to(tl.int64) * C * H * W
+    x = x_ptr + base
+    dy_base = dy_ptr + base
     tiles = tl.cdiv(Cg, TC) * SLOTS
     per_part = tl.cdiv(tiles, PARTS)
     rows = N * SLOTS  # partials per channel in part_t and part_x
@@ -96,20 +102,38 @@ def _sums_kernel(x_ptr, dy_ptr, mean_ptr, rstd_ptr, weight_ptr, layer_ptr, sampl
     for q in range(k * per_part, tl.minimum((k + 1) * per_part, tiles)):
         cb = q // SLOTS
         slot = q % SLOTS
-        centres, boxes, offsets, masks, invs, c, c_ok = pooled_tile(
-            x_ptr + base, mean, ng, cb, slot // TILES_W, slot % TILES_W, G, Cg, C, H, W, VEC, CHANNELS_LAST,
-            RADIUS_H, RADIUS_W, HALO, WIDE, CG_P2, BLOCK_W, TILE_P, TILE_C, TILE_W, False, ACC)
-        prod_d = tl.zeros(centres[0].shape, ACC)
-        prod_x = tl.zeros(centres[0].shape, ACC)
-        for o in tl.static_range(len(centres)):
-            dy = tl.load(dy_ptr + base + offsets[o], mask=masks[o], other=0.0).to(ACC)
-            d = boxes[o] * invs[o] - (centres[o] - mean)
-            prod_d += tl.where(masks[o], d * dy, 0.0)
-            prod_x += centres[o] * dy
-        if CHANNELS_LAST:  # [P, TC]: channels along the last axis
-            sum_d = tl.sum(prod_d, axis=0)
+        if CHANNELS_LAST:
+            TW: tl.constexpr = strip_columns(TILE_W, W)
+            w_first, p_ok, c, c_ok = cl_tile_setup(ng, cb, slot % TILES_W, G, Cg, W, WIDE, CG_P2, TILE_P, TILE_C,
+                                                   TILE_W)
+            h_first = (slot // TILES_W) * TH
+            sums, kept = cl_window_start(x, mean, h_first, p_ok, c, c_ok, w_first, C, H, W, TW, RADIUS_H,
+                                         RADIUS_W, WIDE, False, ACC)
+            prod_d = tl.zeros([TILE_P, TC], ACC)
+            prod_x = tl.zeros([TILE_P, TC], ACC)
+            for h in range(h_first, tl.minimum(h_first + TH, H)):
+                sums, kept, centres, boxes, offsets, masks, invs = cl_window_step(
+                    sums, kept, x, mean, h, p_ok, c, c_ok, w_first, C, H, W, TW, RADIUS_H, RADIUS_W, WIDE, False,
+                    ACC)
+                for t in tl.static_range(TW):
+                    dy = tl.load(dy_base + offsets[t], mask=masks[t], other=0.0).to(ACC)
+                    d = boxes[t] * invs[t] - (centres[t] - mean)
+                    prod_d += tl.where(masks[t], d * dy, 0.0)
+                    prod_x += centres[t] * dy
+            sum_d = tl.sum(prod_d, axis=0)  # [P, TC]: channels along the last axis
             sum_x = tl.sum(prod_x, axis=0)
-        else:  # [TC * bands, columns / VEC, VEC]: each channel's bands are consecutive
+        else:
+            centres, boxes, offsets, masks, invs, c, c_ok = nchw_pooled_tile(
+                x, mean, ng, cb, slot // TILES_W, slot % TILES_W, G, Cg, H, W, VEC, RADIUS_H, RADIUS_W, HALO, WIDE,
+                CG_P2, BLOCK_W, TILE_P, False, ACC)
+            prod_d = tl.zeros(centres[0].shape, ACC)
+            prod_x = tl.zeros(centres[0].shape, ACC)
+            for o in tl.static_range(len(centres)):
+                dy = tl.load(dy_base + offsets[o], mask=masks[o], other=0.0).to(ACC)
+                d = boxes[o] * invs[o] - (centres[o] - mean)
+                prod_d += tl.where(masks[o], d * dy, 0.0)
+                prod_x += centres[o] * dy
+            # [TC * bands, columns / VEC, VEC]: each channel's bands are consecutive.
             sum_d = tl.sum(tl.reshape(prod_d, [TC, prod_d.numel // TC]), axis=1)
             sum_x = tl.sum(tl.reshape(prod_x, [TC, prod_x.numel // TC]), axis=1)
         c_in_group = cb * TC + tl.arange(0, TC)
@@ -176,7 +200,7 @@ def _dx_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, part_t_ptr, part_x_ptr
                H: tl.constexpr, W: tl.constexpr, VEC: tl.constexpr, VEC_C: tl.constexpr,
                CHANNELS_LAST: tl.constexpr, RADIUS_H: tl.constexpr, RADIUS_W: tl.constexpr,
                HALO: tl.constexpr, WIDE: tl.constexpr, CG_P2: tl.constexpr, BLOCK_W: tl.constexpr,
-               TILE_P: tl.constexpr, TILE_C: tl.constexpr, TILE_W: tl.constexpr):
+               TILE_P: tl.constexpr, TILE_C: tl.constexpr, TILE_W: tl.constexpr, TILE_H: tl.constexpr):
     ACC: tl.constexpr = rstd_ptr.dtype.element_ty
     Cg = CG_V * VEC_C
     C = G * Cg
@@ -189,9 +213,9 @@ def _dx_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, part_t_ptr, part_x_ptr
                              WANT_DRES, PARAM_ROWS, ACC)
     elif WRITE_DX:
         TC: tl.constexpr = tile_channels(CHANNELS_LAST, TILE_P, TILE_C, H, CG_P2)
-        TILES_H: tl.constexpr = tiles_along(H, tile_bands(TILE_P, H) * band_rows(TILE_P, H))
-        TILES_W: tl.constexpr = tiles_along(W, tile_columns(CHANNELS_LAST, TILE_W, BLOCK_W, W))
-        ng, cb, hb, wb = tile_coords(pid - PARAM_PROGRAMS, Cg, TILES_H, TILES_W, TC)
+        TH: tl.constexpr = tile_rows(CHANNELS_LAST, TILE_P, TILE_H, H)
+        TILES_W: tl.constexpr = tiles_along(W, tile_columns(CHANNELS_LAST, TILE_P, TILE_W, BLOCK_W, W))
+        ng, cb, hb, wb = tile_coords(pid - PARAM_PROGRAMS, Cg, tiles_along(H, TH), TILES_W, TC)
         n = ng // G
         mean = tl.load(mean_ptr + ng)
         rstd = tl.load(rstd_ptr + ng)
@@ -202,16 +226,37 @@ def _dx_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, part_t_ptr, part_x_ptr
         if HAS_SAMPLE:
             factor = factor * tl.load(sample_ptr + n).to(ACC)
         base = n.to(tl.int64) * C * H * W
-        grads, pooled, offsets, masks, _, c, c_ok = pooled_tile(
-            dy_ptr + base, 0.0, ng, cb, hb, wb, G, Cg, C, H, W, VEC, CHANNELS_LAST, RADIUS_H, RADIUS_W, HALO,
-            WIDE, CG_P2, BLOCK_W, TILE_P, TILE_C, TILE_W, True, ACC)
-        coef = (vector_or_ones(weight_ptr, c, c_ok, HAS_WEIGHT, ACC)
-                * vector_or_ones(layer_ptr, c, c_ok, HAS_LAYER, ACC)) * factor
-        res = vector_or_ones(res_ptr, c, c_ok, HAS_RES, ACC)
-        for o in tl.static_range(len(grads)):
-            xv = tl.load(x_ptr + base + offsets[o], mask=masks[o], other=0.0).to(ACC)
-            out = dx_output(grads[o], pooled[o], xv, mean, coef, res, corr)
-            tl.store(dx_ptr + base + offsets[o], out.to(dx_ptr.dtype.element_ty), mask=masks[o])
+        x = x_ptr + base
+        dy = dy_ptr + base
+        dx = dx_ptr + base
+        if CHANNELS_LAST:
+            TW: tl.constexpr = strip_columns(TILE_W, W)
+            w_first, p_ok, c, c_ok = cl_tile_setup(ng, cb, wb, G, Cg, W, WIDE, CG_P2, TILE_P, TILE_C, TILE_W)
+            coef = (vector_or_ones(weight_ptr, c, c_ok, HAS_WEIGHT, ACC)
+                    * vector_or_ones(layer_ptr, c, c_ok, HAS_LAYER, ACC)) * factor
+            res = vector_or_ones(res_ptr, c, c_ok, HAS_RES, ACC)
+            h_first = hb * TH
+            sums, kept = cl_window_start(dy, 0.0, h_first, p_ok, c, c_ok, w_first, C, H, W, TW, RADIUS_H,
+                                         RADIUS_W, WIDE, True, ACC)
+            for h in range(h_first, tl.minimum(h_first + TH, H)):
+                sums, kept, grads, pooled, offsets, masks, _ = cl_window_step(
+                    sums, kept, dy, 0.0, h, p_ok, c, c_ok, w_first, C, H, W, TW, RADIUS_H, RADIUS_W, WIDE, True,
+                    ACC)
+                for t in tl.static_range(TW):
+                    xv = tl.load(x + offsets[t], mask=masks[t], other=0.0).to(ACC)
+                    out = dx_output(grads[t], pooled[t], xv, mean, coef, res, corr)
+                    tl.store(dx + offsets[t], out.to(dx_ptr.dtype.element_ty), mask=masks[t])
+        else:
+            grads, pooled, offsets, masks, _, c, c_ok = nchw_pooled_tile(
+                dy, 0.0, ng, cb, hb, wb, G, Cg, H, W, VEC, RADIUS_H, RADIUS_W, HALO, WIDE, CG_P2, BLOCK_W, TILE_P,
+                True, ACC)
+            coef = (vector_or_ones(weight_ptr, c, c_ok, HAS_WEIGHT, ACC)
+                    * vector_or_ones(layer_ptr, c, c_ok, HAS_LAYER, ACC)) * factor
+            res = vector_or_ones(res_ptr, c, c_ok, HAS_RES, ACC)
+            for o in tl.static_range(len(grads)):
+                xv = tl.load(x + offsets[o], mask=masks[o], other=0.0).to(ACC)
+                out = dx_output(grads[o], pooled[o], xv, mean, coef, res, corr)
+                tl.store(dx + offsets[o], out.to(dx_ptr.dtype.element_ty), mask=masks[o])
 
 
 _DX = {cl: autotuned(_dx_kernel, cl) for cl in (False, True)}
@@ -228,13 +273,13 @@ class SumsPlan:
 
     def __init__(self, geo: Geometry):
         if geo.channels_last:
-            candidates = [triton.Config({"TILE_P": p, "TILE_C": c, "TILE_W": w}, num_warps=_SUMS_WARPS)
-                          for p, c, w in _SUMS_CL_TILES]
+            candidates = [triton.Config({"TILE_P": p, "TILE_C": c, "TILE_W": w, "TILE_H": h}, num_warps=_SUMS_WARPS)
+                          for p, c, w, h in _SUMS_CL_TILES]
         else:
             candidates = [triton.Config({"TILE_P": p}, num_warps=_SUMS_WARPS) for p in _SUMS_NCHW_TILES]
         args = geo.shape_args()
         chosen = {**args, **fitting_tiles(candidates, args)[0].kwargs}
-        self.tile = {k: chosen[k] for k in ("TILE_P", "TILE_C", "TILE_W")}
+        self.tile = {k: chosen[k] for k in ("TILE_P", "TILE_C", "TILE_W", "TILE_H")}
         self.slots = geo.slots(self.tile)
         tiles = geo.tiles_per_group(self.tile)
         self.parts = max(1, min(MAX_PARTS, tiles, _SUMS_PROGRAMS // (geo.N * geo.G)))

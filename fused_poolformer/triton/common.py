@@ -279,48 +279,133 @@ def nchw_tile(src, mean, p_ok, p_c, h0, starts, H: tl.constexpr, W: tl.constexpr
 
 
 @triton.jit
-def cl_tile(src, mean, p_ok, h0, c, c_ok, w0, C, H: tl.constexpr, W: tl.constexpr, TH: tl.constexpr,
-            TW: tl.constexpr, RADIUS_H: tl.constexpr, RADIUS_W: tl.constexpr, ADJOINT: tl.constexpr,
-            ACC: tl.constexpr):
-    """TH rows x TW columns of a channels_last tile.  Strip p starts at row h0[p] ([P, 1]);
-    the columns start at w0; ``c`` the tile's channels ([1, BLOCK_C], one vector per
-    thread).  Each (row, column) of the tile and halo is one [P, BLOCK_C] load.
-
-    Returns tuples over the TH * TW outputs (row-major), as ``nchw_tile``."""
-    row_sums = ()
+def cl_row(src, mean, h, p_ok, c, c_ok, w_first, C, H: tl.constexpr, W: tl.constexpr, TW: tl.constexpr,
+           RADIUS_H: tl.constexpr, RADIUS_W: tl.constexpr, WIDE: tl.constexpr, ADJOINT: tl.constexpr,
+           ACC: tl.constexpr):
+    """Row h of a channels_last tile: strip p covers columns w_first[p] .. + TW - 1
+    ([P, 1]); ``c`` the tile's channels ([1, BLOCK_C], one vector per thread).  Each of the
+    TW + 2r columns is one [P, BLOCK_C] load.  Returns (the TW columns as loaded, their
+    horizontal window sums)."""
+    row_ok = p_ok & c_ok & (h >= 0) & (h < H)
+    inv_h = inv_window_count(h, RADIUS_H, H, ACC)
+    if WIDE:
+        h = h.to(tl.int64)
+    row = src + h * (W * C) + c
+    seq = ()
     centres = ()
+    for e in tl.static_range(TW + 2 * RADIUS_W):
+        w = w_first + (e - RADIUS_W)
+        ok = row_ok & (w >= 0) & (w < W)
+        v = tl.load(row + w * C, mask=ok, other=0.0).to(ACC)
+        seq = seq + (_prepare(v, ok, mean, inv_h, inv_window_count(w, RADIUS_W, W, ACC), ADJOINT),)
+        if e >= RADIUS_W:
+            if e < RADIUS_W + TW:
+                centres = centres + (v,)
+    return centres, _window_sums(seq, RADIUS_W, TW, RADIUS_W)
+
+
+@triton.jit
+def cl_window_start(src, mean, h_first, p_ok, c, c_ok, w_first, C, H: tl.constexpr, W: tl.constexpr,
+                    TW: tl.constexpr, RADIUS_H: tl.constexpr, RADIUS_W: tl.constexpr, WIDE: tl.constexpr,
+                    ADJOINT: tl.constexpr, ACC: tl.constexpr):
+    """The state a channels_last row loop carries into its first output row h_first: the
+    row sums of rows h_first - r .. h_first + r - 1 and the loaded values of rows h_first ..
+    h_first + r - 1."""
+    sums = ()
+    centres = ()
+    for j in tl.static_range(2 * RADIUS_H):
+        row_centres, row_sums = cl_row(src, mean, h_first + (j - RADIUS_H), p_ok, c, c_ok, w_first, C, H, W, TW,
+                                       RADIUS_H, RADIUS_W, WIDE, ADJOINT, ACC)
+        sums = sums + (row_sums,)
+        if j >= RADIUS_H:
+            centres = centres + (row_centres,)
+    return sums, centres
+
+
+@triton.jit
+def cl_window_step(sums, centres, src, mean, h, p_ok, c, c_ok, w_first, C, H: tl.constexpr, W: tl.constexpr,
+                   TW: tl.constexpr, RADIUS_H: tl.constexpr, RADIUS_W: tl.constexpr, WIDE: tl.constexpr,
+                   ADJOINT: tl.constexpr, ACC: tl.constexpr):
+    """One step of a channels_last row loop at output row h: loads row h + r, and returns
+    the carried state for row h + 1 and, for the TW outputs of row h in each strip, tuples of
+    the values as loaded, the box sums (as ``nchw_tile``), the in-sample offsets, the masks
+    and 1 / (cnt_h * cnt_w)."""
+    new_centres, new_sums = cl_row(src, mean, h + RADIUS_H, p_ok, c, c_ok, w_first, C, H, W, TW, RADIUS_H,
+                                   RADIUS_W, WIDE, ADJOINT, ACC)
+    window = sums + (new_sums,)
+    row_ok = p_ok & c_ok & (h < H)
+    inv_h = inv_window_count(h, RADIUS_H, H, ACC)
+    if WIDE:
+        h = h.to(tl.int64)
+    boxes = ()
     offsets = ()
     masks = ()
     invs = ()
-    for j in tl.static_range(TH + 2 * RADIUS_H):
-        h = h0 + (j - RADIUS_H)
-        row_ok = p_ok & c_ok & (h >= 0) & (h < H)
-        inv_h = inv_window_count(h, RADIUS_H, H, ACC)
-        row = h * (W * C) + c
-        seq = ()
-        for e in tl.static_range(TW + 2 * RADIUS_W):
-            w = w0 + (e - RADIUS_W)
-            ok = row_ok & (w >= 0) & (w < W)
-            inv_w = inv_window_count(w, RADIUS_W, W, ACC)
-            v = tl.load(src + row + w * C, mask=ok, other=0.0).to(ACC)
-            seq = seq + (_prepare(v, ok, mean, inv_h, inv_w, ADJOINT),)
-            if j >= RADIUS_H:
-                if j < RADIUS_H + TH:
-                    if e >= RADIUS_W:
-                        if e < RADIUS_W + TW:
-                            centres = centres + (v,)
-                            offsets = offsets + (row + w * C,)
-                            masks = masks + (ok,)
-                            invs = invs + (inv_h * inv_w,)
-        row_sums = row_sums + (_window_sums(seq, RADIUS_W, TW, RADIUS_W),)
-    boxes = ()
-    for i in tl.static_range(TH):
-        for t in tl.static_range(TW):
-            acc = row_sums[i + RADIUS_H][t]
-            for d in tl.static_range(1, RADIUS_H + 1):
-                acc += row_sums[i + RADIUS_H - d][t] + row_sums[i + RADIUS_H + d][t]
-            boxes = boxes + (acc,)
-    return centres, boxes, offsets, masks, invs
+    for t in tl.static_range(TW):
+        acc = window[RADIUS_H][t]
+        for d in tl.static_range(1, RADIUS_H + 1):
+            acc += window[RADIUS_H - d][t] + window[RADIUS_H + d][t]
+        boxes = boxes + (acc,)
+        w = w_first + t
+        offsets = offsets + (h * (W * C) + w * C + c,)
+        masks = masks + (row_ok & (w < W),)
+        invs = invs + (inv_h * inv_window_count(w, RADIUS_W, W, ACC),)
+    if RADIUS_H == 0:
+        out_centres = new_centres
+        next_centres = centres
+    else:
+        out_centres = centres[0]
+        next_centres = ()
+        for j in tl.static_range(1, RADIUS_H):
+            next_centres = next_centres + (centres[j],)
+        next_centres = next_centres + (new_centres,)
+    next_sums = ()
+    for j in tl.static_range(1, 2 * RADIUS_H + 1):
+        next_sums = next_sums + (window[j],)
+    return next_sums, next_centres, out_centres, boxes, offsets, masks, invs
+
+
+@triton.jit
+def nchw_pooled_tile(src, mean, ng, cb, hb, wb, G, Cg, H: tl.constexpr, W: tl.constexpr, VEC: tl.constexpr,
+                     RADIUS_H: tl.constexpr, RADIUS_W: tl.constexpr, HALO: tl.constexpr, WIDE: tl.constexpr,
+                     CG_P2: tl.constexpr, BLOCK_W: tl.constexpr, TILE_P: tl.constexpr, ADJOINT: tl.constexpr,
+                     ACC: tl.constexpr):
+    """NCHW tile (cb, hb, wb) of group ng of one sample (``src`` points at the sample): the
+    tuples of ``nchw_tile``, then the channel of each strip and its validity ([P, 1, 1])."""
+    TC: tl.constexpr = tile_channels(False, TILE_P, 1, H, CG_P2)
+    BANDS: tl.constexpr = tile_bands(TILE_P, H)
+    TH: tl.constexpr = band_rows(TILE_P, H)
+    p = tl.arange(0, TC * BANDS)
+    c_in_group = cb * TC + (p // BANDS)[:, None, None]
+    h0 = hb * (BANDS * TH) + (p % BANDS)[:, None, None] * TH
+    if WIDE:
+        c_in_group = c_in_group.to(tl.int64)
+    c = (ng % G) * Cg + c_in_group
+    c_ok = c_in_group < Cg
+    starts = wb * BLOCK_W + tl.arange(0, BLOCK_W // VEC)[None, :, None] * VEC
+    centres, boxes, offsets, masks, invs = nchw_tile(src, mean, c_ok, c, h0, starts, H, W, TH, VEC, RADIUS_H,
+                                                     RADIUS_W, HALO, ADJOINT, ACC)
+    return centres, boxes, offsets, masks, invs, c, c_ok
+
+
+@triton.jit
+def cl_tile_setup(ng, cb, wb, G, Cg, W: tl.constexpr, WIDE: tl.constexpr, CG_P2: tl.constexpr,
+                  TILE_P: tl.constexpr, TILE_C: tl.constexpr, TILE_W: tl.constexpr):
+    """channels_last tile (cb, -, wb) of group ng: the strips' first columns and validity
+    ([P, 1]: P strips of TILE_W columns side by side) and the channels and their validity
+    ([1, TC])."""
+    TC: tl.constexpr = tile_channels(True, TILE_P, TILE_C, 1, CG_P2)
+    TW: tl.constexpr = strip_columns(TILE_W, W)
+    w_first = (wb * TILE_P + tl.arange(0, TILE_P)[:, None]) * TW
+    c_in_group = cb * TC + tl.arange(0, TC)[None, :]
+    if WIDE:
+        c_in_group = c_in_group.to(tl.int64)
+    return w_first, w_first < W, (ng % G) * Cg + c_in_group, c_in_group < Cg
+
+
+@constexpr_function
+def tiles_along(length, tile):
+    return -(-length // tile)
 
 
 @triton.jit
@@ -336,54 +421,13 @@ def tile_coords(pid, Cg, TILES_H: tl.constexpr, TILES_W: tl.constexpr, TC: tl.co
     return rest // tiles_c, rest % tiles_c, hb, wb
 
 
-@triton.jit
-def pooled_tile(src, mean, ng, cb, hb, wb, G, Cg, C, H: tl.constexpr, W: tl.constexpr, VEC: tl.constexpr,
-                CHANNELS_LAST: tl.constexpr, RADIUS_H: tl.constexpr, RADIUS_W: tl.constexpr, HALO: tl.constexpr,
-                WIDE: tl.constexpr, CG_P2: tl.constexpr, BLOCK_W: tl.constexpr, TILE_P: tl.constexpr,
-                TILE_C: tl.constexpr, TILE_W: tl.constexpr, ADJOINT: tl.constexpr, ACC: tl.constexpr):
-    """Tile (cb, hb, wb) of group ng of one sample (``src`` points at the sample): the
-    tuples of ``nchw_tile`` / ``cl_tile``, then the channel index of the tile's elements and
-    its validity, shaped to broadcast against them ([P, 1, 1] NCHW, [1, TC] channels_last)."""
-    TC: tl.constexpr = tile_channels(CHANNELS_LAST, TILE_P, TILE_C, H, CG_P2)
-    BANDS: tl.constexpr = tile_bands(TILE_P, H)
-    TH: tl.constexpr = band_rows(TILE_P, H)
-    P: tl.constexpr = tile_strips(CHANNELS_LAST, TILE_P, TILE_C, H, CG_P2)
-    p = tl.arange(0, P)
-    if CHANNELS_LAST:
-        TW: tl.constexpr = tile_columns(True, TILE_W, BLOCK_W, W)
-        h0 = hb * (BANDS * TH) + p[:, None] * TH
-        c_in_group = cb * TC + tl.arange(0, TC)[None, :]
-        if WIDE:
-            h0 = h0.to(tl.int64)
-            c_in_group = c_in_group.to(tl.int64)
-        c = (ng % G) * Cg + c_in_group
-        c_ok = c_in_group < Cg
-        centres, boxes, offsets, masks, invs = cl_tile(src, mean, h0 < H, h0, c, c_ok, wb * TW, C, H, W, TH, TW,
-                                                       RADIUS_H, RADIUS_W, ADJOINT, ACC)
-    else:
-        c_in_group = cb * TC + (p // BANDS)[:, None, None]
-        h0 = hb * (BANDS * TH) + (p % BANDS)[:, None, None] * TH
-        if WIDE:
-            c_in_group = c_in_group.to(tl.int64)
-        c = (ng % G) * Cg + c_in_group
-        c_ok = c_in_group < Cg
-        starts = wb * BLOCK_W + tl.arange(0, BLOCK_W // VEC)[None, :, None] * VEC
-        centres, boxes, offsets, masks, invs = nchw_tile(src, mean, c_ok, c, h0, starts, H, W, TH, VEC,
-                                                         RADIUS_H, RADIUS_W, HALO, ADJOINT, ACC)
-    return centres, boxes, offsets, masks, invs, c, c_ok
-
-
-@constexpr_function
-def tiles_along(length, tile):
-    return -(-length // tile)
-
-
 # ---------------------------------------------------------------------------------------
-# Tile sizes.  An autotuning configuration names TILE_P (strips per program: NCHW channel
-# planes x bands of rows, channels_last bands of rows) and, for channels_last, TILE_C
-# (channels) and TILE_W (columns); the host passes BLOCK_W (NCHW columns per tile).  These
-# functions, run by the compiler on constexprs and by the host for the grid, fit a
-# configuration to the shape, so that every configuration is valid for every shape.
+# Tile sizes.  An autotuning configuration names TILE_P, the strips of a program (the first
+# axis of its tensors: NCHW channel planes x bands of rows; channels_last groups of TILE_W
+# columns side by side) and, for channels_last, TILE_C (channels) and TILE_H (rows walked
+# by the row loop); the host passes BLOCK_W (NCHW columns per tile).  These functions, run
+# by the compiler on constexprs and by the host for the grid, fit a configuration to the
+# shape, so that every configuration is valid for every shape.
 
 
 @constexpr_function
@@ -396,53 +440,60 @@ def tile_channels(CHANNELS_LAST, TILE_P, TILE_C, H, CG_P2):
 
 
 @constexpr_function
-def tile_strips(CHANNELS_LAST, TILE_P, TILE_C, H, CG_P2):
-    """P, the strips of a program: the first axis of its tensors."""
-    bands = tile_bands(TILE_P, H)
-    return bands if CHANNELS_LAST else bands * tile_channels(False, TILE_P, TILE_C, H, CG_P2)
+def tile_rows(CHANNELS_LAST, TILE_P, TILE_H, H):
+    if CHANNELS_LAST:
+        return min(TILE_H, H)
+    return tile_bands(TILE_P, H) * band_rows(TILE_P, H)
 
 
 @constexpr_function
-def tile_columns(CHANNELS_LAST, TILE_W, BLOCK_W, W):
-    return min(TILE_W, W) if CHANNELS_LAST else BLOCK_W
+def strip_columns(TILE_W, W):
+    """channels_last: columns per strip."""
+    return min(TILE_W, W)
+
+
+@constexpr_function
+def tile_columns(CHANNELS_LAST, TILE_P, TILE_W, BLOCK_W, W):
+    return TILE_P * min(TILE_W, W) if CHANNELS_LAST else BLOCK_W
 
 
 def tile_shape(args):
     """(channels, rows, columns) of a tile, from a kernel's arguments (with a configuration)."""
     cl, tile_p, H = args["CHANNELS_LAST"], args["TILE_P"], args["H"]
-    rows = tile_bands(tile_p, H) * band_rows(tile_p, H)
-    return (tile_channels(cl, tile_p, args["TILE_C"], H, args["CG_P2"]), rows,
-            tile_columns(cl, args["TILE_W"], args["BLOCK_W"], args["W"]))
+    return (tile_channels(cl, tile_p, args["TILE_C"], H, args["CG_P2"]), tile_rows(cl, tile_p, args["TILE_H"], H),
+            tile_columns(cl, tile_p, args["TILE_W"], args["BLOCK_W"], args["W"]))
 
 
-# Loaded values a thread may hold at once: ptxas hoists the loads of a whole tile to
-# overlap them, and each needs a register.  Past this many a kernel nears 255 registers
-# (``python -m fused_poolformer.triton.aot`` prints them).
-LOADS_IN_FLIGHT = 160
+# Values a thread may hold at once: ptxas hoists the loads of a whole static loop to
+# overlap them, and each needs a register, as does every row sum a channels_last row loop
+# carries.  Past this many a kernel nears 255 registers (``python -m
+# fused_poolformer.triton.aot`` prints them).
+VALUES_IN_FLIGHT = 160
 
 
 def tile_cost(args, num_warps: int):
-    """(elements per thread along the contiguous axis of one loaded block, loads in flight
-    per thread) of a tile: the first must reach the vector width for 16-byte accesses."""
-    cl, H = args["CHANNELS_LAST"], args["H"]
+    """(elements per thread along the contiguous axis of one loaded block, values in
+    flight per thread) of a tile: the first must reach the vector width for 16-byte
+    accesses."""
+    cl, H, rh, rw = args["CHANNELS_LAST"], args["H"], args["RADIUS_H"], args["RADIUS_W"]
     tc, _, tw = tile_shape(args)
-    strips = tile_strips(cl, args["TILE_P"], args["TILE_C"], H, args["CG_P2"])
-    rows = band_rows(args["TILE_P"], H) + 2 * args["RADIUS_H"]
     threads = 32 * num_warps
     if cl:
-        per_thread = strips * tc / threads
-        return per_thread, per_thread * rows * (tw + 2 * args["RADIUS_W"])
-    per_thread = strips * tw / threads
+        per_thread = args["TILE_P"] * tc / threads
+        cols = tw // args["TILE_P"]
+        return per_thread, per_thread * ((cols + 2 * rw) + (2 * rh + 1) * cols + (rh + 1) * cols)
+    per_thread = tile_channels(False, args["TILE_P"], 1, H, args["CG_P2"]) * tile_bands(args["TILE_P"], H) * tw / threads
+    rows = band_rows(args["TILE_P"], H) + 2 * rh
     return per_thread, per_thread * rows * (1 + 2 * args["HALO"] / args["VEC"])
 
 
 def fitting_tiles(configs, args):
     """The configurations whose tiles give every thread whole vectors without exceeding
-    LOADS_IN_FLIGHT; failing that, those within the budget; failing that, the cheapest."""
+    VALUES_IN_FLIGHT; failing that, those within the budget; failing that, the cheapest."""
     scored = []
     for cfg in configs:
         per_thread, in_flight = tile_cost({**args, **cfg.kwargs}, cfg.num_warps)
-        scored.append((cfg, per_thread >= args["VEC"], in_flight <= LOADS_IN_FLIGHT, in_flight))
+        scored.append((cfg, per_thread >= args["VEC"], in_flight <= VALUES_IN_FLIGHT, in_flight))
     good = [cfg for cfg, whole, fits, _ in scored if whole and fits]
     if good:
         return good
@@ -501,7 +552,7 @@ class Geometry:
             WIDE=self.wide, CG_P2=self.cg_p2, BLOCK_W=self.block_w,
         )
         if not self.channels_last:
-            args.update(TILE_C=1, TILE_W=1)
+            args.update(TILE_C=1, TILE_W=1, TILE_H=1)
         return args
 
     def tiles_per_group(self, meta) -> int:
@@ -530,17 +581,18 @@ NCHW_CONFIGS = [
     for strips, warps in ((8, 4), (16, 4), (32, 4), (16, 8), (32, 8), (64, 8))
 ]
 CHANNELS_LAST_CONFIGS = [
-    triton.Config({"TILE_P": strips, "TILE_C": chans, "TILE_W": cols}, num_warps=warps)
-    for strips, chans, cols, warps in (
-        (8, 64, 2, 4), (8, 64, 4, 4), (4, 128, 2, 4), (4, 128, 4, 4), (2, 256, 4, 4), (16, 64, 2, 8),
-        (8, 128, 2, 8), (16, 64, 4, 4), (8, 128, 4, 4), (4, 256, 4, 4), (2, 64, 2, 4), (1, 64, 2, 4),
+    triton.Config({"TILE_P": strips, "TILE_C": chans, "TILE_W": cols, "TILE_H": rows}, num_warps=warps)
+    for strips, chans, cols, rows, warps in (
+        (8, 64, 2, 16, 4), (8, 64, 4, 16, 4), (4, 128, 2, 16, 4), (4, 128, 4, 16, 4), (16, 64, 2, 16, 4),
+        (8, 128, 2, 16, 4), (2, 256, 2, 16, 4), (4, 256, 2, 16, 4), (8, 64, 2, 32, 8), (16, 64, 2, 8, 8),
+        (8, 128, 2, 8, 8), (2, 64, 2, 16, 4), (1, 64, 2, 16, 4),
     )
 ]
 # The interpreter pays per operation, not per element: large tiles, few programs.  (Tests
 # that need several tiles per plane swap in small ones.)
 INTERPRETER_CONFIGS = {
     False: [triton.Config({"TILE_P": 16})],
-    True: [triton.Config({"TILE_P": 2, "TILE_C": 64, "TILE_W": 16})],
+    True: [triton.Config({"TILE_P": 2, "TILE_C": 64, "TILE_W": 8, "TILE_H": 64})],
 }
 
 

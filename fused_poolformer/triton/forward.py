@@ -24,17 +24,20 @@ from .common import (
     INTERPRET,
     Geometry,
     autotuned,
-    band_rows,
+    cl_tile_setup,
+    cl_window_start,
+    cl_window_step,
     divide,
+    nchw_pooled_tile,
     next_pow2,
     pairwise_dot,
     pairwise_sum,
-    pooled_tile,
     sqrt_rn,
-    tile_bands,
+    strip_columns,
     tile_channels,
     tile_columns,
     tile_coords,
+    tile_rows,
     tiles_along,
     vector_or_ones,
 )
@@ -143,14 +146,14 @@ def _apply_kernel(x_ptr, y_ptr, part_ptr, mean_ptr, rstd_ptr, weight_ptr, layer_
                   H: tl.constexpr, W: tl.constexpr, VEC: tl.constexpr, VEC_C: tl.constexpr,
                   CHANNELS_LAST: tl.constexpr, RADIUS_H: tl.constexpr, RADIUS_W: tl.constexpr,
                   HALO: tl.constexpr, WIDE: tl.constexpr, CG_P2: tl.constexpr, BLOCK_W: tl.constexpr,
-                  TILE_P: tl.constexpr, TILE_C: tl.constexpr, TILE_W: tl.constexpr):
+                  TILE_P: tl.constexpr, TILE_C: tl.constexpr, TILE_W: tl.constexpr, TILE_H: tl.constexpr):
     ACC: tl.constexpr = rstd_ptr.dtype.element_ty
     Cg = CG_V * VEC_C
     C = G * Cg
     TC: tl.constexpr = tile_channels(CHANNELS_LAST, TILE_P, TILE_C, H, CG_P2)
-    TILES_H: tl.constexpr = tiles_along(H, tile_bands(TILE_P, H) * band_rows(TILE_P, H))
-    TILES_W: tl.constexpr = tiles_along(W, tile_columns(CHANNELS_LAST, TILE_W, BLOCK_W, W))
-    ng, cb, hb, wb = tile_coords(tl.program_id(0), Cg, TILES_H, TILES_W, TC)
+    TH: tl.constexpr = tile_rows(CHANNELS_LAST, TILE_P, TILE_H, H)
+    TILES_W: tl.constexpr = tiles_along(W, tile_columns(CHANNELS_LAST, TILE_P, TILE_W, BLOCK_W, W))
+    ng, cb, hb, wb = tile_coords(tl.program_id(0), Cg, tiles_along(H, TH), TILES_W, TC)
     n = ng // G
     mean, rstd = merge_statistics(part_ptr, ng, PARTS, eps_hi, eps_lo, PARTS_P2, ACC)
     first = (cb == 0) & (hb == 0) & (wb == 0)
@@ -160,15 +163,33 @@ def _apply_kernel(x_ptr, y_ptr, part_ptr, mean_ptr, rstd_ptr, weight_ptr, layer_
     if HAS_SAMPLE:
         factor = factor * tl.load(sample_ptr + n).to(ACC)
     base = n.to(tl.int64) * C * H * W
-    centres, boxes, offsets, masks, invs, c, c_ok = pooled_tile(
-        x_ptr + base, mean, ng, cb, hb, wb, G, Cg, C, H, W, VEC, CHANNELS_LAST, RADIUS_H, RADIUS_W, HALO, WIDE,
-        CG_P2, BLOCK_W, TILE_P, TILE_C, TILE_W, False, ACC)
-    coef = (vector_or_ones(weight_ptr, c, c_ok, HAS_WEIGHT, ACC)
-            * vector_or_ones(layer_ptr, c, c_ok, HAS_LAYER, ACC)) * factor
-    res = vector_or_ones(res_ptr, c, c_ok, HAS_RES, ACC)
-    for o in tl.static_range(len(centres)):
-        out = mixer_output(centres[o], boxes[o], invs[o], mean, coef, res)
-        tl.store(y_ptr + base + offsets[o], out.to(y_ptr.dtype.element_ty), mask=masks[o])
+    x = x_ptr + base
+    y = y_ptr + base
+    if CHANNELS_LAST:
+        TW: tl.constexpr = strip_columns(TILE_W, W)
+        w_first, p_ok, c, c_ok = cl_tile_setup(ng, cb, wb, G, Cg, W, WIDE, CG_P2, TILE_P, TILE_C, TILE_W)
+        coef = (vector_or_ones(weight_ptr, c, c_ok, HAS_WEIGHT, ACC)
+                * vector_or_ones(layer_ptr, c, c_ok, HAS_LAYER, ACC)) * factor
+        res = vector_or_ones(res_ptr, c, c_ok, HAS_RES, ACC)
+        h_first = hb * TH
+        sums, kept = cl_window_start(x, mean, h_first, p_ok, c, c_ok, w_first, C, H, W, TW, RADIUS_H, RADIUS_W,
+                                     WIDE, False, ACC)
+        for h in range(h_first, tl.minimum(h_first + TH, H)):
+            sums, kept, centres, boxes, offsets, masks, invs = cl_window_step(
+                sums, kept, x, mean, h, p_ok, c, c_ok, w_first, C, H, W, TW, RADIUS_H, RADIUS_W, WIDE, False, ACC)
+            for t in tl.static_range(TW):
+                out = mixer_output(centres[t], boxes[t], invs[t], mean, coef, res)
+                tl.store(y + offsets[t], out.to(y_ptr.dtype.element_ty), mask=masks[t])
+    else:
+        centres, boxes, offsets, masks, invs, c, c_ok = nchw_pooled_tile(
+            x, mean, ng, cb, hb, wb, G, Cg, H, W, VEC, RADIUS_H, RADIUS_W, HALO, WIDE, CG_P2, BLOCK_W, TILE_P,
+            False, ACC)
+        coef = (vector_or_ones(weight_ptr, c, c_ok, HAS_WEIGHT, ACC)
+                * vector_or_ones(layer_ptr, c, c_ok, HAS_LAYER, ACC)) * factor
+        res = vector_or_ones(res_ptr, c, c_ok, HAS_RES, ACC)
+        for o in tl.static_range(len(centres)):
+            out = mixer_output(centres[o], boxes[o], invs[o], mean, coef, res)
+            tl.store(y + offsets[o], out.to(y_ptr.dtype.element_ty), mask=masks[o])
 
 
 _APPLY = {cl: autotuned(_apply_kernel, cl) for cl in (False, True)}
