@@ -44,13 +44,12 @@ from .common import (
 
 # The sums pass is not autotuned (its partial sums are merged, so its tiles are fixed by the
 # shape).  The interpreter gets small tiles, so that the tests' small planes have several.
-_SUMS_WARPS = 8
 # Sums tiles, most preferred first (the first that fits the shape is used):
-# NCHW strips; channels_last (strips, channels, columns per strip, rows).
-_SUMS_NCHW_TILES = [4] if INTERPRET else [64, 32, 16, 8, 4, 2, 1]
-_SUMS_CL_TILES = [(2, 64, 8, 64)] if INTERPRET else [
-    (16, 64, 2, 16), (8, 128, 2, 16), (8, 64, 2, 16), (4, 128, 2, 16), (4, 256, 2, 16), (4, 64, 2, 16),
-    (2, 64, 2, 16), (1, 64, 2, 16),
+# NCHW (strips, warps); channels_last (strips, channels, columns per strip, rows, warps).
+_SUMS_NCHW_TILES = [(4, 4)] if INTERPRET else [(64, 8), (32, 8), (32, 4), (16, 4), (8, 4), (4, 4), (2, 4), (1, 4)]
+_SUMS_CL_TILES = [(16, 64, 1, 64, 4)] if INTERPRET else [
+    (16, 64, 2, 16, 8), (8, 128, 2, 16, 8), (16, 64, 2, 16, 4), (8, 128, 2, 16, 4), (4, 256, 2, 16, 4),
+    (8, 64, 2, 16, 4), (4, 128, 2, 16, 4), (4, 64, 2, 16, 4), (2, 64, 2, 16, 4), (1, 64, 2, 16, 4),
 ]
 _SUMS_PROGRAMS = 8 if INTERPRET else 1024
 # Every dx program folds its group's S partials (each thread loads them all), so a group
@@ -273,13 +272,15 @@ class SumsPlan:
 
     def __init__(self, geo: Geometry):
         if geo.channels_last:
-            candidates = [triton.Config({"TILE_P": p, "TILE_C": c, "TILE_W": w, "TILE_H": h}, num_warps=_SUMS_WARPS)
-                          for p, c, w, h in _SUMS_CL_TILES]
+            candidates = [triton.Config({"TILE_P": p, "TILE_C": c, "TILE_W": w, "TILE_H": h}, num_warps=warps)
+                          for p, c, w, h, warps in _SUMS_CL_TILES]
         else:
-            candidates = [triton.Config({"TILE_P": p}, num_warps=_SUMS_WARPS) for p in _SUMS_NCHW_TILES]
+            candidates = [triton.Config({"TILE_P": p}, num_warps=warps) for p, warps in _SUMS_NCHW_TILES]
         args = geo.shape_args()
-        chosen = {**args, **fitting_tiles(candidates, args)[0].kwargs}
+        best = fitting_tiles(candidates, args, geo.registers_per_value)[0]
+        chosen = {**args, **best.kwargs}
         self.tile = {k: chosen[k] for k in ("TILE_P", "TILE_C", "TILE_W", "TILE_H")}
+        self.num_warps = best.num_warps
         self.slots = geo.slots(self.tile)
         tiles = geo.tiles_per_group(self.tile)
         self.parts = max(1, min(MAX_PARTS, tiles, _SUMS_PROGRAMS // (geo.N * geo.G)))
@@ -313,7 +314,7 @@ def backward_launches(x, dy, dx, mean, rstd, workspace, weight, layer_scale, res
     )
     sums = (_sums_kernel, (geo.N * geo.G * plan.parts,), dict(
         x_ptr=x, dy_ptr=dy, mean_ptr=mean, rstd_ptr=rstd, part_t_ptr=part_t, part_x_ptr=part_x,
-        part_s_ptr=part_s, N=geo.N, PARTS=plan.parts, **vectors, **{**shape, **plan.tile}, num_warps=_SUMS_WARPS,
+        part_s_ptr=part_s, N=geo.N, PARTS=plan.parts, **vectors, **{**shape, **plan.tile}, num_warps=plan.num_warps,
     ))
     dweight, dbias, dlayer, dres = grads
     param_programs = geo.C if any(g is not None for g in grads) else 0

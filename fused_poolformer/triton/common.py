@@ -487,12 +487,14 @@ def tile_cost(args, num_warps: int):
     return per_thread, per_thread * rows * (1 + 2 * args["HALO"] / args["VEC"])
 
 
-def fitting_tiles(configs, args):
+def fitting_tiles(configs, args, registers_per_value: int):
     """The configurations whose tiles give every thread whole vectors without exceeding
-    VALUES_IN_FLIGHT; failing that, those within the budget; failing that, the cheapest."""
+    VALUES_IN_FLIGHT 32-bit registers (a float64 value takes two); failing that, those
+    within the budget; failing that, the cheapest.  ``args``: the kernel's arguments."""
     scored = []
     for cfg in configs:
         per_thread, in_flight = tile_cost({**args, **cfg.kwargs}, cfg.num_warps)
+        in_flight *= registers_per_value
         scored.append((cfg, per_thread >= args["VEC"], in_flight <= VALUES_IN_FLIGHT, in_flight))
     good = [cfg for cfg, whole, fits, _ in scored if whole and fits]
     if good:
@@ -541,6 +543,7 @@ class Geometry:
         self.vec = largest_pow2_dividing(self.Cg if channels_last else self.W, max_vec)
         self.vec_c = self.vec if channels_last else 1
         self.wide = self.C * self.H * self.W >= INT32_LIMIT
+        self.registers_per_value = 2 if element_size == 8 else 1  # float64 accumulates in float64
         self.cg_p2 = next_pow2(self.Cg)
         self.block_w = max(self.vec, min(next_pow2(self.W), MAX_NCHW_BLOCK_W))  # NCHW columns
 
@@ -592,12 +595,13 @@ CHANNELS_LAST_CONFIGS = [
 # that need several tiles per plane swap in small ones.)
 INTERPRETER_CONFIGS = {
     False: [triton.Config({"TILE_P": 16})],
-    True: [triton.Config({"TILE_P": 2, "TILE_C": 64, "TILE_W": 8, "TILE_H": 64})],
+    True: [triton.Config({"TILE_P": 16, "TILE_C": 64, "TILE_W": 1, "TILE_H": 64})],
 }
 
 
 def _prune(configs, named_args, **kwargs):
-    return fitting_tiles(configs, {**named_args, **kwargs})
+    args = {**named_args, **kwargs}
+    return fitting_tiles(configs, args, 2 if args["rstd_ptr"].element_size() == 8 else 1)
 
 
 def autotuned(kernel, channels_last: bool):
