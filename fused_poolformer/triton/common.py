@@ -186,11 +186,13 @@ def _window_sums(seq, first, count: tl.constexpr, RADIUS: tl.constexpr):
 
 
 @triton.jit
-def _prepare(v, ok, mean, inv_row, inv_col, ADJOINT: tl.constexpr):
+def _prepare(v, ok, mean, inv_row, col, RADIUS_W: tl.constexpr, W: tl.constexpr, ADJOINT: tl.constexpr,
+             ACC: tl.constexpr):
     """A loaded block as the box sum wants it: centred (v - mean, zero outside the plane)
-    or, for the adjoint, scaled by 1 / cnt of its row and column (v is zero outside)."""
+    or, for the adjoint, scaled by 1 / cnt of its row and of its column ``col`` (v is zero
+    outside)."""
     if ADJOINT:
-        return v * inv_row * inv_col
+        return v * inv_row * inv_window_count(col, RADIUS_W, W, ACC)
     else:
         return tl.where(ok, v - mean, 0.0)
 
@@ -238,10 +240,6 @@ def nchw_tile(src, mean, p_ok, p_c, h0, starts, H: tl.constexpr, W: tl.constexpr
     right = starts + VEC + tl.arange(0, HALO)[None, None, :]
     col_ok, left_ok, right_ok = cols < W, left >= 0, right < W
     inv_c = inv_window_count(cols, RADIUS_W, W, ACC)
-    inv_l, inv_r = 0.0, 0.0
-    if ADJOINT:
-        inv_l = inv_window_count(left, RADIUS_W, W, ACC)
-        inv_r = inv_window_count(right, RADIUS_W, W, ACC)
     row_sums = ()
     centres = ()
     offsets = ()
@@ -256,9 +254,9 @@ def nchw_tile(src, mean, p_ok, p_c, h0, starts, H: tl.constexpr, W: tl.constexpr
         v_c = tl.load(src + at + cols, mask=ok_c, other=0.0).to(ACC)
         v_l = tl.load(src + at + left, mask=ok_l, other=0.0).to(ACC)
         v_r = tl.load(src + at + right, mask=ok_r, other=0.0).to(ACC)
-        seq = (split_last(_prepare(v_l, ok_l, mean, inv_h, inv_l, ADJOINT))
-               + split_last(_prepare(v_c, ok_c, mean, inv_h, inv_c, ADJOINT))
-               + split_last(_prepare(v_r, ok_r, mean, inv_h, inv_r, ADJOINT)))
+        seq = (split_last(_prepare(v_l, ok_l, mean, inv_h, left, RADIUS_W, W, ADJOINT, ACC))
+               + split_last(_prepare(v_c, ok_c, mean, inv_h, cols, RADIUS_W, W, ADJOINT, ACC))
+               + split_last(_prepare(v_r, ok_r, mean, inv_h, right, RADIUS_W, W, ADJOINT, ACC)))
         row_sums = row_sums + (_window_sums(seq, HALO, VEC, RADIUS_W),)
         if j >= RADIUS_H:
             if j < RADIUS_H + TH:
@@ -297,7 +295,7 @@ def cl_row(src, mean, h, p_ok, c, c_ok, w_first, C, H: tl.constexpr, W: tl.const
         w = w_first + (e - RADIUS_W)
         ok = row_ok & (w >= 0) & (w < W)
         v = tl.load(row + w * C, mask=ok, other=0.0).to(ACC)
-        seq = seq + (_prepare(v, ok, mean, inv_h, inv_window_count(w, RADIUS_W, W, ACC), ADJOINT),)
+        seq = seq + (_prepare(v, ok, mean, inv_h, w, RADIUS_W, W, ADJOINT, ACC),)
         if e >= RADIUS_W:
             if e < RADIUS_W + TW:
                 centres = centres + (v,)
