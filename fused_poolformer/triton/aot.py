@@ -209,9 +209,10 @@ def main(argv=None) -> int:
             if args.json:
                 print(json.dumps(asdict(r)), flush=True)
             else:
-                print(f"{r.case:34s} {r.kernel:20s} {r.config:44s} regs {r.registers:3d} spill {r.spill_bytes} "
+                print(f"{r.case:34s} {r.kernel:20s} regs {r.registers:3d} spill {r.spill_bytes} "
                       f"smem {r.shared_bytes:5d} vld {r.vector_loads():3d} vst {r.vector_stores():3d} "
-                      f"LDG.128 {r.sass_ldg128:3d} STG.128 {r.sass_stg128:3d} SASS {r.sass_instructions:5d}", flush=True)
+                      f"LDG.128 {r.sass_ldg128:3d} STG.128 {r.sass_stg128:3d} SASS {r.sass_instructions:5d}  "
+                      f"{r.config}", flush=True)
     return 0
 
 

@@ -43,15 +43,17 @@ from .common import (
 )
 
 # The sums pass is not autotuned (its partial sums are merged, so its tiles are fixed by the
-# shape).  The interpreter gets small tiles, so that the tests' small planes have several.
-# Sums tiles, most preferred first (the first that fits the shape is used):
-# NCHW (strips, warps); channels_last (strips, channels, columns per strip, rows, warps).
-_SUMS_NCHW_TILES = [(4, 4)] if INTERPRET else [(64, 8), (32, 8), (32, 4), (16, 4), (8, 4), (4, 4), (2, 4), (1, 4)]
+# shape): its tiles, most preferred first (the first that fits the shape is used), NCHW as
+# (strips, warps), channels_last as (strips, channels, columns per strip, rows, warps).  The
+# interpreter gets small NCHW tiles, so that the tests' small planes have several.
+_SUMS_NCHW_TILES = [(4, 4)] if INTERPRET else [
+    (64, 8), (32, 8), (32, 4), (16, 4), (8, 4), (4, 4), (2, 4), (1, 4),
+]
 _SUMS_CL_TILES = [(16, 64, 1, 64, 4)] if INTERPRET else [
     (16, 64, 2, 16, 8), (8, 128, 2, 16, 8), (16, 64, 2, 16, 4), (8, 128, 2, 16, 4), (4, 256, 2, 16, 4),
     (8, 64, 2, 16, 4), (4, 128, 2, 16, 4), (4, 64, 2, 16, 4), (2, 64, 2, 16, 4), (1, 64, 2, 16, 4),
 ]
-_SUMS_PROGRAMS = 8 if INTERPRET else 1024
+_SUMS_PROGRAMS = 8 if INTERPRET else 1024  # programs to aim for
 # Every dx program folds its group's S partials (each thread loads them all), so a group
 # has at most this many: the sums programs of a group each loop over a chunk of its tiles.
 MAX_PARTS = 8
@@ -320,7 +322,8 @@ def backward_launches(x, dy, dx, mean, rstd, workspace, weight, layer_scale, res
     param_programs = geo.C if any(g is not None for g in grads) else 0
     dx_args = dict(
         x_ptr=x, dy_ptr=dy, dx_ptr=placeholder if dx is None else dx, mean_ptr=mean, rstd_ptr=rstd,
-        part_t_ptr=part_t, part_x_ptr=part_x, part_s_ptr=part_s, res_ptr=placeholder if res_scale is None else res_scale,
+        part_t_ptr=part_t, part_x_ptr=part_x, part_s_ptr=part_s,
+        res_ptr=placeholder if res_scale is None else res_scale,
         dweight_ptr=placeholder if dweight is None else dweight,
         dbias_ptr=placeholder if dbias is None else dbias,
         dlayer_ptr=placeholder if dlayer is None else dlayer,

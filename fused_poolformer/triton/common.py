@@ -3,24 +3,28 @@
 Device helpers (``@triton.jit``):
   * ``pairwise_sum`` / ``pairwise_dot``: fixed-order tree reductions built from elementwise
     adds only, for every sum whose result several programs must agree on bit for bit;
-  * window counts and their reciprocals (count_include_pad=False), one per row or column;
-  * ``vertical_window``: the vertical half of the separable box sum, one load per row of
-    the window (aligned vector loads), centred on the group mean (forward) or scaled by
-    1 / count per row and column (the adjoint pool of the backward);
-  * ``horizontal_window``: the horizontal half, inside each thread's registers (NCHW);
-  * tile coordinates of the NCHW and channels_last tiles.
+  * ``inv_window_count``: 1 / (valid taps) of the pool window (count_include_pad=False),
+    one per row or column, as a select between constants;
+  * ``split_last`` / ``join_last``: a thread's vector as a tuple of its entries and back
+    (register renames, no arithmetic);
+  * the tiles: ``nchw_tile`` (a static loop down the rows) and ``cl_row`` /
+    ``cl_window_start`` / ``cl_window_step`` (the body of a channels_last row loop).
 
-Host side: ``Geometry`` (vector width, radii, tile sizes, grids of one call) and the
-autotuning configurations.
+Host side: ``Geometry`` (vector width, radii, tile sizes, grids of one call), the tile cost
+model that prunes autotuning configurations, and the configurations.
 
-Tiles.  No tile crosses a group: its mean and rstd are two scalars, merged once per
-program.  NCHW: rows of BLOCK_C channel planes x BLOCK_H rows (a whole small plane per
-channel, or a band of a large one) by BLOCK_W columns held as [rows, BLOCK_W / VEC, VEC]:
-each thread owns VEC consecutive columns (one 16-byte load), the vertical sums are 2r+1
-such loads, and the horizontal sums combine a thread's own columns with r halo columns on
-either side.  channels_last: BLOCK_H rows by BLOCK_C channels (one vector of channels per
-thread) at each of BLOCK_W columns; the 2r+1 columns around an output are separate tensors
-of the same tile, so the horizontal sums add whole tensors.
+The box sum is separable and every element of a tile and its halo is loaded once: each
+loaded row's horizontal window sums are formed in registers, and each output row adds the
+2r + 1 row sums around it (the order of the adds is fixed: centre first, then the pairs at
+distance 1, 2, ...).  Loads are as wide as the contiguous axis allows (16 bytes when its
+length is a multiple of the vector).
+  NCHW: a program owns P strips (channel planes x bands of rows) of BLOCK_W columns, held
+    as [P, BLOCK_W / VEC, VEC]: each thread loads VEC consecutive columns and the HALO
+    columns either side of them, and walks the TH rows of its band in a static loop.
+  channels_last: a program owns P strips of TW columns side by side, BLOCK_C channels
+    each ([P, BLOCK_C] per column: one vector of channels per thread), and walks its rows
+    in a dynamic loop that carries the last 2r row sums.
+No tile crosses a group, so its mean, rstd and S[n, g] are scalars, merged once per program.
 
 Determinism.  Reductions whose inputs are fixed by the shape (statistics and backward
 partial sums) use ``tl.sum`` in kernels that are not autotuned.  The autotuned kernels
@@ -32,6 +36,7 @@ a bit of the result.
 
 import os
 
+import torch
 import triton
 import triton.language as tl
 from triton.runtime.jit import constexpr_function
@@ -397,6 +402,7 @@ def cl_tile_setup(ng, cb, wb, G, Cg, W: tl.constexpr, WIDE: tl.constexpr, CG_P2:
     w_first = (wb * TILE_P + tl.arange(0, TILE_P)[:, None]) * TW
     c_in_group = cb * TC + tl.arange(0, TC)[None, :]
     if WIDE:
+        w_first = w_first.to(tl.int64)
         c_in_group = c_in_group.to(tl.int64)
     return w_first, w_first < W, (ng % G) * Cg + c_in_group, c_in_group < Cg
 
@@ -480,7 +486,8 @@ def tile_cost(args, num_warps: int):
         per_thread = args["TILE_P"] * tc / threads
         cols = tw // args["TILE_P"]
         return per_thread, per_thread * ((cols + 2 * rw) + (2 * rh + 1) * cols + (rh + 1) * cols)
-    per_thread = tile_channels(False, args["TILE_P"], 1, H, args["CG_P2"]) * tile_bands(args["TILE_P"], H) * tw / threads
+    strips = tile_channels(False, args["TILE_P"], 1, H, args["CG_P2"]) * tile_bands(args["TILE_P"], H)
+    per_thread = strips * tw / threads
     rows = band_rows(args["TILE_P"], H) + 2 * rh
     return per_thread, per_thread * rows * (1 + 2 * args["HALO"] / args["VEC"])
 
@@ -598,8 +605,8 @@ INTERPRETER_CONFIGS = {
 
 
 def _prune(configs, named_args, **kwargs):
-    args = {**named_args, **kwargs}
-    return fitting_tiles(configs, args, 2 if args["rstd_ptr"].element_size() == 8 else 1)
+    args = {**named_args, **kwargs}  # (also traced by torch.compile: plain Python on the arguments)
+    return fitting_tiles(configs, args, 2 if args["rstd_ptr"].dtype == torch.float64 else 1)
 
 
 def autotuned(kernel, channels_last: bool):

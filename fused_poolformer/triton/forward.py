@@ -15,7 +15,6 @@ tensor arithmetic.
 import struct
 from typing import Optional, Tuple
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
