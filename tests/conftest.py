@@ -2,24 +2,11 @@
 here; a test narrows the set with ``@pytest.mark.parametrize("backend", FUSED)`` and the
 like from helpers.py) and ``device`` (where that backend's tensors live).
 
-The helpers themselves live in helpers.py; the names below are re-exported for test files
-that import them from conftest."""
+The helpers themselves live in helpers.py."""
 
 import pytest
 
-from helpers import (  # noqa: F401  (re-exported)
-    ALL_BACKENDS,
-    OPTION_NAMES,
-    ROOT,
-    TOL,
-    assert_close_to,
-    call,
-    device_of,
-    make_inputs,
-    opcheck_forward_and_backward,
-    reference64,
-    requires_cuda,
-)
+from helpers import ALL_BACKENDS, device_of
 
 
 @pytest.fixture(params=ALL_BACKENDS)

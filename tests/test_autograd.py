@@ -96,7 +96,10 @@ def test_backward_operator_returns_only_requested_gradients(backend, device):
     full = torch.ops.fused_poolformer.pool_mixer_backward(*common, [True] * 5)
     part = torch.ops.fused_poolformer.pool_mixer_backward(*common, [False, True, True, False, False])
     assert part[0] is None and part[3] is None and part[4] is None
-    assert torch.equal(part[1], full[1])
+    # Same value; not always the same bits: the CPU sums pass that also folds x * dy (for
+    # the res_scale gradient) is a separately compiled variant, whose FMA contraction the
+    # compiler may choose differently.
+    torch.testing.assert_close(part[1], full[1], rtol=1e-6, atol=0)
     zeros = torch.zeros(4, device=device)
     assert torch.equal(part[2], zeros) and torch.equal(full[2], zeros)
 

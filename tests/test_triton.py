@@ -25,7 +25,7 @@ import pytest  # noqa: E402
 
 import fused_poolformer as fp  # noqa: E402
 from fused_poolformer import ops  # noqa: E402
-from conftest import assert_close_to, call, make_inputs, reference64, requires_cuda  # noqa: E402
+from helpers import assert_close_to, call, make_inputs, reference64, requires_cuda  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 GRAD_NAMES = ("weight", "bias", "layer_scale", "res_scale")
@@ -44,7 +44,9 @@ def _unavailable_reason():
     return None
 
 
-pytestmark = pytest.mark.skipif(_unavailable_reason() is not None, reason=str(_unavailable_reason()))
+pytestmark = [pytest.mark.skipif(_unavailable_reason() is not None, reason=str(_unavailable_reason()))]
+if DEVICE == "cuda":  # every test here then runs the compiled kernels: `pytest -m gpu -k triton` selects them
+    pytestmark.append(pytest.mark.gpu)
 requires_cuda_compile = pytest.mark.skipif(
     DEVICE != "cuda",
     reason="torch.compile and opcheck's fake-tensor checks cannot trace a triton_op under the "
@@ -367,6 +369,7 @@ def test_first_stage_shape_on_gpu(channels_last):
 
 
 @requires_cuda
+@pytest.mark.slow
 def test_offsets_past_two_to_the_31_on_gpu():
     """N*C*H*W > 2**31: per-sample base offsets need 64 bits. Checks the last sample."""
     free, _ = torch.cuda.mem_get_info()

@@ -1,4 +1,4 @@
-// CUDA kernels of the fused pool mixer (DESIGN.md section 2), written against simt.h so
+// CUDA kernels of the fused pool mixer (docs/math.md §2), written against simt.h so
 // that the same source runs on a GPU and, for the tests, in the CPU emulator.
 //
 //   forward   stats_kernel            per-chunk (count, mean, M2) partials of every (n, g)
@@ -162,7 +162,7 @@ FPM_DEVICE void for_each_slot(const T* sample, const RunGrid& g, const RunBlock&
 
 template <int V, typename scalar_t, typename acc_t>
 FPM_DEVICE void stage_slots(const scalar_t* sample, const RunGrid& g, RunBlock b,
-                            const SharedArray<acc_t>& dst, acc_t shift) {
+                            const SharedArray<acc_t>& dst, acc_t pivot) {
   align_slots<V>(b, sample);
   constexpr int CW = kVec<acc_t>;
   auto full = [&](const Slot& s, const Pack<scalar_t, V>& v) {
@@ -173,7 +173,7 @@ FPM_DEVICE void stage_slots(const scalar_t* sample, const RunGrid& g, RunBlock b
         for (int c = 0; c < V; c += CW) {
           Pack<acc_t, CW> out;
 #pragma unroll
-          for (int e = 0; e < CW; ++e) out.v[e] = to_acc<acc_t>(v.v[c + e]) - shift;
+          for (int e = 0; e < CW; ++e) out.v[e] = to_acc<acc_t>(v.v[c + e]) - pivot;
           dst.template store<CW>(at + c, out);
         }
         return;
@@ -181,13 +181,13 @@ FPM_DEVICE void stage_slots(const scalar_t* sample, const RunGrid& g, RunBlock b
     }
     if (g.dense) {
 #pragma unroll
-      for (int e = 0; e < V; ++e) dst[at + e] = to_acc<acc_t>(v.v[e]) - shift;
+      for (int e = 0; e < V; ++e) dst[at + e] = to_acc<acc_t>(v.v[e]) - pivot;
       return;
     }
     int col, idx = first_smem(g, s, col);
 #pragma unroll
     for (int e = 0; e < V; ++e) {
-      dst[idx] = to_acc<acc_t>(v.v[e]) - shift;
+      dst[idx] = to_acc<acc_t>(v.v[e]) - pivot;
       next_smem(g, idx, col);
     }
   };
@@ -195,21 +195,21 @@ FPM_DEVICE void stage_slots(const scalar_t* sample, const RunGrid& g, RunBlock b
     int col, idx = first_smem(g, s, col);
 #pragma unroll 1
     for (int e = s.lo; e < s.hi; ++e) {
-      dst[idx] = to_acc<acc_t>(simt::load_global(sample + s.glob + e)) - shift;
+      dst[idx] = to_acc<acc_t>(simt::load_global(sample + s.glob + e)) - pivot;
       next_smem(g, idx, col);
     }
   };
   for_each_slot<V, 4>(sample, g, b, full, part);
 }
 
-// Global box -> shared memory, converted to acc_t, minus `shift`.
+// Global box -> shared memory, converted to acc_t, minus `pivot`.
 template <typename scalar_t, typename acc_t>
 FPM_DEVICE void stage_box(const scalar_t* sample, const RunGrid& g, const RunBlock& b,
-                          const SharedArray<acc_t>& dst, acc_t shift) {
+                          const SharedArray<acc_t>& dst, acc_t pivot) {
   if (g.vector) {
-    stage_slots<kVec<scalar_t>>(sample, g, b, dst, shift);
+    stage_slots<kVec<scalar_t>>(sample, g, b, dst, pivot);
   } else {
-    stage_slots<1>(sample, g, b, dst, shift);
+    stage_slots<1>(sample, g, b, dst, pivot);
   }
 }
 
