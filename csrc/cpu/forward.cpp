@@ -57,127 +57,101 @@ WelfordData<acc_t> merge_in_order(const WelfordData<acc_t>* partials, int64_t co
   return w;
 }
 
+// The statistics come in tasks (numbered sample by sample) that write partials, and a
+// per-sample merge of those partials in a fixed order.
+
 // NCHW: the elements of group (n, g) are one contiguous run, split into blocks.
 struct ContiguousStats {
-  int64_t groups, group_numel, blocks;
+  int64_t G, group_numel, blocks;
 
   explicit ContiguousStats(const MixerShape& s)
-      : groups(s.N * s.G), group_numel(s.group_numel()),
+      : G(s.G), group_numel(s.group_numel()),
         blocks(std::max<int64_t>(1, (s.group_numel() + kStatsBlock - 1) / kStatsBlock)) {}
-  int64_t partials() const { return groups * blocks; }
+  int64_t tasks_per_sample() const { return G * blocks; }
+  int64_t task_elements() const { return kStatsBlock; }
+  int64_t scratch_elements() const { return 0; }
 
   template <typename scalar_t, typename acc_t>
-  void run(const scalar_t* x, WelfordData<acc_t>* partial, WelfordData<acc_t>* out) const {
-    at::parallel_for(0, groups * blocks, grain_size(kStatsBlock), [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t group = t / blocks, start = (t % blocks) * kStatsBlock;
-        const int64_t count = std::min(kStatsBlock, group_numel - start);
-        partial[t] = count > 0 ? contiguous_block_stats<scalar_t, acc_t>(
-                                     x + group * group_numel + start, count)
-                               : WelfordData<acc_t>{0, 0, 0};
-      }
-    });
-    for (int64_t group = 0; group < groups; ++group) {
-      out[group] = merge_in_order(partial + group * blocks, blocks);
+  void task(const scalar_t* x, int64_t t, WelfordData<acc_t>* partial, acc_t*) const {
+    const int64_t group = t / blocks, start = (t % blocks) * kStatsBlock;
+    const int64_t count = std::min(kStatsBlock, group_numel - start);
+    partial[t] = count > 0 ? contiguous_block_stats<scalar_t, acc_t>(
+                                 x + group * group_numel + start, count)
+                           : WelfordData<acc_t>{0, 0, 0};
+  }
+
+  template <typename acc_t>
+  void merge(int64_t n, const WelfordData<acc_t>* partial, WelfordData<acc_t>* out) const {
+    for (int64_t g = 0; g < G; ++g) {
+      out[g] = merge_in_order(partial + (n * G + g) * blocks, blocks);
     }
   }
 };
 
-// channels_last: a task is a block of positions of one sample, all channels, walked in
-// strips of channels whose per-channel sums stay in registers.  Each strip writes one
-// partial per group it overlaps (at most strip_width of them).
+// channels_last: a task is a block of positions of one sample, all channels: a sequential
+// run of memory.  Per-channel sums accumulate in scratch, position by position; then per
+// group, its mean; then the per-channel sums of squared deviations from it.
 struct ChannelsLastStats {
-  int64_t N, C, G, Cg, positions, strip_width, strips, per_block, blocks;
+  int64_t C, G, Cg, positions, per_block, blocks;
 
-  template <typename acc_t>
-  ChannelsLastStats(const MixerShape& s, const Geometry<acc_t>& g)
-      : N(s.N), C(s.C), G(s.G), Cg(s.Cg), positions(s.H * s.W), strip_width(g.strip_width),
-        strips(g.strips) {
-    per_block = std::max<int64_t>(1, 4 * kStatsBlock / std::max<int64_t>(C, 1));
-    blocks = (positions + per_block - 1) / per_block;
-  }
-  int64_t partials() const { return N * blocks * strips * strip_width; }
-  int64_t slot(int64_t n, int64_t b, int64_t strip) const {
-    return ((n * blocks + b) * strips + strip) * strip_width;
-  }
+  explicit ChannelsLastStats(const MixerShape& s)
+      : C(s.C), G(s.G), Cg(s.Cg), positions(s.H * s.W),
+        per_block(std::max<int64_t>(1, 4 * kStatsBlock / std::max<int64_t>(s.C, 1))),
+        blocks((positions + per_block - 1) / per_block) {}
+  int64_t tasks_per_sample() const { return blocks; }
+  int64_t task_elements() const { return per_block * C; }
+  int64_t scratch_elements() const { return 2 * round_up(C, 8); }
 
-  // One strip of one block: per-channel sums, then per-group mean, then per-group M2.
-  template <int NV, typename scalar_t, typename acc_t>
-  void strip_stats(const scalar_t* base, int64_t np, int64_t c0, int64_t tail,
-                   WelfordData<acc_t>* out) const {
+  template <typename scalar_t, typename acc_t, typename F>
+  void channel_sums(const scalar_t* base, int64_t np, acc_t* sums, F f) const {
     using Vec = Vectorized<acc_t>;
     constexpr int64_t V = kLanes<acc_t>;
-    auto lanes = [&](int k) { return k == NV - 1 ? tail : V; };
-    alignas(64) acc_t sums[NV * V];
-    alignas(64) acc_t means[NV * V];
-    for (int k = 0; k < NV; ++k) {
-      const scalar_t* at = base + k * V;
-      unrolled_sum<acc_t>(np, 1, [&](int64_t p, int64_t) {
-        return load<acc_t>(at + p * C, lanes(k));
-      }).store(sums + k * V);
-    }
-    const int64_t width = (NV - 1) * V + tail;
-    const int64_t g_first = c0 / Cg;
-    // Per-group sums over the strip's channels in order; every lane gets its group's mean.
-    for (int64_t c = 0; c < width;) {
-      const int64_t g = (c0 + c) / Cg, c_end = std::min(width, (g + 1) * Cg - c0);
-      acc_t s = 0;
-      for (int64_t i = c; i < c_end; ++i) s += sums[i];
-      const acc_t count = acc_t(np * (c_end - c));
-      const acc_t mean = s / count;
-      for (int64_t i = c; i < c_end; ++i) means[i] = mean;
-      out[g - g_first] = {count, mean, acc_t(0)};
-      c = c_end;
-    }
-    for (int k = 0; k < NV; ++k) {
-      const scalar_t* at = base + k * V;
-      const Vec mean = Vec::loadu(means + k * V);
-      unrolled_sum<acc_t>(np, 1, [&](int64_t p, int64_t) {
-        const Vec d = first_lanes(load<acc_t>(at + p * C, lanes(k)) - mean, lanes(k));
-        return d * d;
-      }).store(sums + k * V);
-    }
-    for (int64_t c = 0; c < width;) {
-      const int64_t g = (c0 + c) / Cg, c_end = std::min(width, (g + 1) * Cg - c0);
-      acc_t m2 = 0;
-      for (int64_t i = c; i < c_end; ++i) m2 += sums[i];
-      out[g - g_first].m2 = m2;
-      c = c_end;
+    std::fill(sums, sums + round_up(C, V), acc_t(0));
+    const int64_t full = C / V * V;
+    for (int64_t p = 0; p < np; ++p) {
+      const scalar_t* at = base + p * C;
+      for (int64_t c = 0; c < full; c += V) {
+        (Vec::loadu(sums + c) + f(load<acc_t>(at + c), c, V)).store(sums + c);
+      }
+      if (full < C) {
+        const int64_t n = C - full;
+        (Vec::loadu(sums + full) + f(load<acc_t>(at + full, n), full, n)).store(sums + full);
+      }
     }
   }
 
   template <typename scalar_t, typename acc_t>
-  void run(const scalar_t* x, WelfordData<acc_t>* partial, WelfordData<acc_t>* out) const {
-    constexpr int64_t V = kLanes<acc_t>;
-    at::parallel_for(0, N * blocks, grain_size(per_block * C), [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t n = t / blocks, b = t % blocks;
-        const int64_t p0 = b * per_block, np = std::min(positions, p0 + per_block) - p0;
-        for (int64_t strip = 0; strip < strips; ++strip) {
-          const int64_t c0 = strip * strip_width;
-          const int64_t width = std::min(strip_width, C - c0);
-          const int64_t nv = (width + V - 1) / V;
-          const scalar_t* base = x + (n * positions + p0) * C + c0;
-          WelfordData<acc_t>* slot_out = partial + slot(n, b, strip);
-          with_strip_vectors(nv, [&](auto nv_const) {
-            strip_stats<decltype(nv_const)::value>(base, np, c0, width - (nv - 1) * V, slot_out);
-          });
-        }
-      }
-    });
-    // Merge in a fixed order: blocks, then the strips overlapping the group.
-    for (int64_t n = 0; n < N; ++n) {
-      for (int64_t g = 0; g < G; ++g) {
-        const int64_t first = g * Cg / strip_width, last = ((g + 1) * Cg - 1) / strip_width;
-        WelfordData<acc_t> w{0, 0, 0};
-        for (int64_t b = 0; b < blocks; ++b) {
-          for (int64_t strip = first; strip <= last; ++strip) {
-            w = welford_merge(w, partial[slot(n, b, strip) + g - strip * strip_width / Cg]);
-          }
-        }
-        out[n * G + g] = w;
-      }
+  void task(const scalar_t* x, int64_t t, WelfordData<acc_t>* partial, acc_t* scratch) const {
+    using Vec = Vectorized<acc_t>;
+    const int64_t n = t / blocks, b = t % blocks;
+    const int64_t p0 = b * per_block, np = std::min(positions, p0 + per_block) - p0;
+    const scalar_t* base = x + (n * positions + p0) * C;
+    acc_t* sums = scratch;
+    acc_t* means = scratch + round_up(C, 8);
+    channel_sums(base, np, sums, [](Vec v, int64_t, int64_t) FPM_LAMBDA_INLINE { return v; });
+    WelfordData<acc_t>* out = partial + t * G;
+    const acc_t count = acc_t(np * Cg);
+    for (int64_t g = 0; g < G; ++g) {
+      acc_t s = 0;
+      for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) s += sums[c];
+      const acc_t mean = s / count;
+      std::fill(means + g * Cg, means + (g + 1) * Cg, mean);
+      out[g] = {count, mean, acc_t(0)};
     }
+    channel_sums(base, np, sums, [&](Vec v, int64_t c, int64_t lanes) FPM_LAMBDA_INLINE {
+      const Vec d = first_lanes(v - Vec::loadu(means + c), lanes);
+      return d * d;
+    });
+    for (int64_t g = 0; g < G; ++g) {
+      acc_t m2 = 0;
+      for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) m2 += sums[c];
+      out[g].m2 = m2;
+    }
+  }
+
+  template <typename acc_t>
+  void merge(int64_t n, const WelfordData<acc_t>* partial, WelfordData<acc_t>* out) const {
+    for (int64_t g = 0; g < G; ++g) out[g] = merge_in_order(partial + n * blocks * G + g, blocks, G);
   }
 };
 
@@ -194,148 +168,180 @@ inline Vectorized<acc_t> mixer_output(Vectorized<acc_t> res, Vectorized<acc_t> c
 }
 
 template <typename scalar_t, typename acc_t>
-void apply_strips(const Geometry<acc_t>& g, const scalar_t* x, scalar_t* y,
-                  const Factors<acc_t>& f, bool streaming) {
+struct ApplyPass {
   using Vec = Vectorized<acc_t>;
-  constexpr int64_t V = kLanes<acc_t>;
-  const int64_t C = g.C, W = g.W;
-  for_each_task(
-      g, [&](Scratch& a) { return a.template take<Vec>(strip_scratch_vectors(g)); },
-      [&](int64_t t, Vec* col) {
-        const StripTask st = strip_task(g, t);
-        with_strip_vectors(st.nv, [&](auto nv_const) {
-          constexpr int NV = decltype(nv_const)::value;
-          auto lanes = [&](int k) { return k == NV - 1 ? st.tail : V; };
-          const int64_t base = st.n * g.H * W * C + st.c0;
-          const scalar_t* xp = x + base;
-          scalar_t* yp = y + base;
-          Vec mean[NV], coef[NV], res[NV];
-          for (int k = 0; k < NV; ++k) {
-            mean[k] = load<acc_t>(f.mean + st.n * C + st.c0 + k * V, lanes(k));
-            coef[k] = load<acc_t>(f.coef + st.n * C + st.c0 + k * V, lanes(k));
-            res[k] = load<acc_t>(f.res + st.c0 + k * V, lanes(k));
-          }
-          auto source = [&](int64_t hh, int64_t w, int k) {
-            return load<acc_t>(xp + (hh * W + w) * C + k * V, lanes(k)) - mean[k];
-          };
-          auto column = [](Vec v, int64_t) { return v; };
-          auto emit = [&](int64_t h, int64_t w, const Vec* box) {
-            const Vec inv(g.inv_h[h] * g.inv_w[w]);
-            for (int k = 0; k < NV; ++k) {
-              const int64_t o = (h * W + w) * C + k * V;
-              const Vec xv = load<acc_t>(xp + o, lanes(k));
-              store_output(yp + o, mixer_output(res[k], coef[k], xv, xv - mean[k], box[k] * inv),
-                           lanes(k), streaming);
-            }
-          };
-          strip_box_sums<NV>(g, st.h_begin, st.h_end, col, source, column, emit);
+  static constexpr int64_t V = kLanes<acc_t>;
+  const Geometry<acc_t>& g;
+  const scalar_t* x;
+  scalar_t* y;
+  const Factors<acc_t>& f;
+  bool streaming;
+
+  template <int R>
+  void strip(int64_t item, Vec* col) const {
+    const bool stream = streaming;
+    const StripTask st = strip_task(g, item);
+    const int64_t C = g.C, W = g.W;
+    const acc_t* inv_h = g.inv_h;
+    const acc_t* inv_w = g.inv_w;
+    with_strip_shape<acc_t>(st, [&](auto nv_const, auto full_const) FPM_LAMBDA_INLINE {
+      constexpr int NV = decltype(nv_const)::value;
+      constexpr bool kFull = decltype(full_const)::value;
+      auto lanes = [&](int k) FPM_LAMBDA_INLINE { return kFull || k < NV - 1 ? V : st.tail; };
+      const int64_t base = st.n * g.H * W * C + st.c0;
+      const scalar_t* xp = x + base;
+      scalar_t* yp = y + base;
+      Vec mean[NV], coef[NV], res[NV];
+      unrolled<NV>([&](auto k) FPM_LAMBDA_INLINE {
+        mean[k] = load<acc_t>(f.mean + st.n * C + st.c0 + k * V, lanes(k));
+        coef[k] = load<acc_t>(f.coef + st.n * C + st.c0 + k * V, lanes(k));
+        res[k] = load<acc_t>(f.res + st.c0 + k * V, lanes(k));
+      });
+      auto source = [&](int64_t hh) FPM_LAMBDA_INLINE {
+        return [&, p = xp + hh * W * C](int64_t w, auto k) FPM_LAMBDA_INLINE {
+          return load<acc_t>(p + w * C + k * V, lanes(k)) - mean[k];
+        };
+      };
+      auto column = [](Vec v, int64_t) FPM_LAMBDA_INLINE { return v; };
+      auto emit = [&](int64_t h, int64_t w, const Vec* box) FPM_LAMBDA_INLINE {
+        const Vec inv(inv_h[h] * inv_w[w]);
+        unrolled<NV>([&](auto k) FPM_LAMBDA_INLINE {
+          const int64_t o = (h * W + w) * C + k * V;
+          const Vec xv = load<acc_t>(xp + o, lanes(k));
+          store_output(yp + o, mixer_output(res[k], coef[k], xv, xv - mean[k], box[k] * inv),
+                       lanes(k), stream);
         });
-      });
-}
+      };
+      strip_box_sums<R, NV>(g, st.h_begin, st.h_end, col, source, column, emit);
+    });
+  }
 
-template <typename scalar_t, typename acc_t>
-void apply_planes(const Geometry<acc_t>& g, const scalar_t* x, scalar_t* y,
-                  const Factors<acc_t>& f, bool streaming) {
-  using Vec = Vectorized<acc_t>;
-  const int64_t HW = g.plane_numel(), planes = g.N * g.C;
-  for_each_task(
-      g, [&](Scratch& a) { return take_plane_scratch(g, a); },
-      [&](int64_t t, const PlaneScratch<acc_t>& s) {
-        const int64_t p_end = std::min(planes, (t + 1) * g.planes_per_task);
-        for (int64_t plane = t * g.planes_per_task; plane < p_end; ++plane) {
-          const scalar_t* xp = x + plane * HW;
-          scalar_t* yp = y + plane * HW;
-          const Vec mean(f.mean[plane]), coef(f.coef[plane]), res(f.res[plane % g.C]);
-          auto source = [&](int64_t i, int64_t n) {
-            return first_lanes(load<acc_t>(xp + i, n) - mean, n);
-          };
-          auto emit = [&](int64_t i, int64_t n, Vec box) {
-            const Vec pooled = box * Vec::loadu(g.inv_cnt + i);
-            store_output(yp + i,
-                         mixer_output(res, coef, load<acc_t>(xp + i, n), Vec::loadu(s.xs + i), pooled),
-                         n, streaming);
-          };
-          plane_box_sums(g, s, source, emit);
-        }
-      });
-}
+  template <int R>
+  void plane(int64_t plane, const PlaneScratch<acc_t>& s) const {
+    const bool stream = streaming;
+    const int64_t HW = g.plane_numel();
+    const scalar_t* xp = x + plane * HW;
+    scalar_t* yp = y + plane * HW;
+    const Vec mean(f.mean[plane]), coef(f.coef[plane]), res(f.res[plane % g.C]);
+    auto source = [&](int64_t i, int64_t n) FPM_LAMBDA_INLINE {
+      return first_lanes(load<acc_t>(xp + i, n) - mean, n);
+    };
+    auto emit = [&](int64_t i, int64_t n, Vec box) FPM_LAMBDA_INLINE {
+      const Vec pooled = box * Vec::loadu(g.inv_cnt + i);
+      store_output(yp + i,
+                   mixer_output(res, coef, load<acc_t>(xp + i, n), Vec::loadu(s.xs + i), pooled),
+                   n, stream);
+    };
+    plane_box_sums<R>(g, s, source, emit);
+  }
 
-template <typename scalar_t, typename acc_t>
-void apply_rows(const Geometry<acc_t>& g, const scalar_t* x, scalar_t* y,
-                const Factors<acc_t>& f, bool streaming) {
-  using Vec = Vectorized<acc_t>;
-  constexpr int64_t V = kLanes<acc_t>;
-  const int64_t HW = g.plane_numel(), W = g.W;
-  for_each_task(
-      g, [&](Scratch& a) { return take_row_scratch(g, a); },
-      [&](int64_t t, acc_t* col) {
-        const RowTask r = row_task(g, t);
-        const scalar_t* xp = x + r.plane * HW;
-        scalar_t* yp = y + r.plane * HW;
-        const Vec mean(f.mean[r.plane]), coef(f.coef[r.plane]), res(f.res[r.plane % g.C]);
-        auto source = [&](int64_t hh, int64_t w, int64_t n) {
-          return load<acc_t>(xp + hh * W + w, n) - mean;
-        };
-        auto column = [](Vec v, int64_t, int64_t) { return v; };
-        auto emit = [&](int64_t h, const HorizontalSum<acc_t>& box) {
-          const Vec inv_h(g.inv_h[h]);
-          for (int64_t w = 0; w < W; w += V) {
-            const int64_t n = std::min(V, W - w);
-            const Vec xv = load<acc_t>(xp + h * W + w, n);
-            const Vec pooled = box(w) * inv_h * load<acc_t>(g.inv_w + w, n);
-            store_output(yp + h * W + w, mixer_output(res, coef, xv, xv - mean, pooled), n,
-                         streaming);
-          }
-        };
-        row_box_sums(g, r.h_begin, r.h_end, col, source, column, emit);
-      });
-}
+  template <int R>
+  void row(int64_t item, acc_t* col) const {
+    const bool stream = streaming;
+    const RowTask r = row_task(g, item);
+    const acc_t* inv_h = g.inv_h;
+    const acc_t* inv_w = g.inv_w;
+    const int64_t HW = g.plane_numel(), W = g.W;
+    const scalar_t* xp = x + r.plane * HW;
+    scalar_t* yp = y + r.plane * HW;
+    const Vec mean(f.mean[r.plane]), coef(f.coef[r.plane]), res(f.res[r.plane % g.C]);
+    auto source = [&](int64_t hh) FPM_LAMBDA_INLINE {
+      return [&, p = xp + hh * W](int64_t w, int64_t n) FPM_LAMBDA_INLINE {
+        return load<acc_t>(p + w, n) - mean;
+      };
+    };
+    auto column = [](Vec v, int64_t, int64_t) FPM_LAMBDA_INLINE { return v; };
+    auto emit = [&](int64_t h, const auto& box) FPM_LAMBDA_INLINE {
+      const Vec row_scale(inv_h[h]);
+      for (int64_t w = 0; w < W; w += V) {
+        const int64_t n = std::min(V, W - w);
+        const Vec xv = load<acc_t>(xp + h * W + w, n);
+        const Vec pooled = box(w) * row_scale * load<acc_t>(inv_w + w, n);
+        store_output(yp + h * W + w, mixer_output(res, coef, xv, xv - mean, pooled), n,
+                     stream);
+      }
+    };
+    row_box_sums<R>(g, r.h_begin, r.h_end, col, source, column, emit);
+  }
+};
 
 // ---------------------------------------------------------------------------------------
 // The launcher.
 
-template <typename scalar_t>
-void forward_kernel(const ForwardProblem& p) {
+template <typename scalar_t, typename Stats>
+void forward_with(const ForwardProblem& p, const Stats& stats) {
   using acc_t = at::opmath_type<scalar_t>;
   const MixerShape& s = p.shape;
   const scalar_t* x = p.x.const_data_ptr<scalar_t>();
   scalar_t* y = p.y.mutable_data_ptr<scalar_t>();
-  Geometry<acc_t> g = make_geometry<acc_t>(s);
-  const ContiguousStats contiguous(s);
-  const ChannelsLastStats channels_last(s, g);
-  const int64_t partials = s.channels_last ? channels_last.partials() : contiguous.partials();
+  acc_t* mean = p.mean.mutable_data_ptr<acc_t>();
+  acc_t* rstd = p.rstd.mutable_data_ptr<acc_t>();
+  Geometry<acc_t> g = make_geometry<acc_t>(s, s.C * s.H * s.W * int64_t(sizeof(scalar_t)));
+  const int64_t stats_tasks = s.N * stats.tasks_per_sample();
 
   Workspace ws;
   Factors<acc_t> f;
   WelfordData<acc_t>* partial = nullptr;
-  WelfordData<acc_t>* stats = nullptr;
+  WelfordData<acc_t>* merged = nullptr;
   ws.fit([&](Workspace& a) {
     take_tables(g, a);
     f.take(a, s);
-    partial = a.take<WelfordData<acc_t>>(partials);
-    stats = a.take<WelfordData<acc_t>>(s.N * s.G);
+    partial = a.take<WelfordData<acc_t>>(stats_tasks * s.G);
+    merged = a.take<WelfordData<acc_t>>(s.G);
   });
+  fill_channel_factors<scalar_t>(f, s, p.params);
 
-  if (s.channels_last) {
-    channels_last.run(x, partial, stats);
+  const int64_t run = s.channels_last ? s.C : (g.traversal == Traversal::kPlanes ? s.H * s.W : s.W);
+  const ApplyPass<scalar_t, acc_t> apply{g, x, y, f, can_stream<scalar_t, acc_t>(y, run)};
+  // Statistics of sample n from its partials, then its factors.
+  auto finish_sample = [&](int64_t n, WelfordData<acc_t>* out) {
+    stats.merge(n, partial, out);
+    for (int64_t i = 0; i < s.G; ++i) {
+      mean[n * s.G + i] = out[i].mean;
+      rstd[n * s.G + i] = welford_rstd(out[i], static_cast<acc_t>(p.eps));
+    }
+    fill_sample_factors(f, s, n, p.params.sample_factor<scalar_t, acc_t>(n), mean, rstd);
+  };
+
+  if (g.fused) {
+    at::parallel_for(0, s.N, grain_size(g.sample_numel()), [&](int64_t begin, int64_t end) {
+      Scratch scratch;
+      acc_t* stats_scratch = nullptr;
+      WelfordData<acc_t>* out = nullptr;
+      TraversalScratch<acc_t> buffers;
+      scratch.fit([&](Scratch& a) {
+        stats_scratch = a.take<acc_t>(stats.scratch_elements());
+        out = a.take<WelfordData<acc_t>>(s.G);
+        buffers = take_traversal_scratch(g, a);
+      });
+      for (int64_t n = begin; n < end; ++n) {
+        const int64_t t0 = n * stats.tasks_per_sample();
+        for (int64_t t = t0; t < t0 + stats.tasks_per_sample(); ++t) {
+          stats.task(x, t, partial, stats_scratch);
+        }
+        finish_sample(n, out);
+        run_items(apply, g, n * g.items_per_sample, (n + 1) * g.items_per_sample, buffers);
+      }
+      output_fence();
+    });
+    return;
+  }
+  at::parallel_for(0, stats_tasks, grain_size(stats.task_elements()), [&](int64_t begin, int64_t end) {
+    Scratch scratch;
+    acc_t* stats_scratch = nullptr;
+    scratch.fit([&](Scratch& a) { stats_scratch = a.take<acc_t>(stats.scratch_elements()); });
+    for (int64_t t = begin; t < end; ++t) stats.task(x, t, partial, stats_scratch);
+  });
+  for (int64_t n = 0; n < s.N; ++n) finish_sample(n, merged);
+  run_tasks(g, apply);
+}
+
+template <typename scalar_t>
+void forward_kernel(const ForwardProblem& p) {
+  if (p.shape.channels_last) {
+    forward_with<scalar_t>(p, ChannelsLastStats(p.shape));
   } else {
-    contiguous.run(x, partial, stats);
-  }
-  acc_t* mean = p.mean.mutable_data_ptr<acc_t>();
-  acc_t* rstd = p.rstd.mutable_data_ptr<acc_t>();
-  for (int64_t i = 0; i < s.N * s.G; ++i) {
-    mean[i] = stats[i].mean;
-    rstd[i] = welford_rstd(stats[i], static_cast<acc_t>(p.eps));
-  }
-  fill_factors<scalar_t>(f, s, p.params, mean, rstd);
-
-  switch (g.traversal) {
-    case Traversal::kStrips:
-      return apply_strips(g, x, y, f, can_stream<scalar_t, acc_t>(y, s.C));
-    case Traversal::kPlanes:
-      return apply_planes(g, x, y, f, can_stream<scalar_t, acc_t>(y, s.H * s.W));
-    case Traversal::kRows:
-      return apply_rows(g, x, y, f, can_stream<scalar_t, acc_t>(y, s.W));
+    forward_with<scalar_t>(p, ContiguousStats(p.shape));
   }
 }
 

@@ -27,13 +27,25 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <array>
 #include <cstddef>
 #include <cstring>
 #include <memory>
 #include <type_traits>
+#include <utility>
 
 #include "../host.h"
 #include "../pool_mixer.h"
+
+// The hot helpers and the lambdas of the traversals must inline: GCC otherwise gives up on
+// the large pass bodies and calls them (through the PLT for header functions).
+#if defined(__GNUC__)
+#define FPM_INLINE inline __attribute__((always_inline))
+#define FPM_LAMBDA_INLINE __attribute__((always_inline))
+#else
+#define FPM_INLINE inline
+#define FPM_LAMBDA_INLINE
+#endif
 
 namespace fused_poolformer {
 namespace cpu {
@@ -42,6 +54,15 @@ using at::vec::Vectorized;
 
 template <typename acc_t>
 constexpr int64_t kLanes = Vectorized<acc_t>::size();
+
+// f(std::integral_constant<int, i>) for i in [0, N), unrolled (so arrays indexed by i stay
+// in registers).
+template <int N, typename F>
+FPM_INLINE void unrolled(F f) {
+  [&]<int... I>(std::integer_sequence<int, I...>) FPM_LAMBDA_INLINE {
+    (f(std::integral_constant<int, I>{}), ...);
+  }(std::make_integer_sequence<int, N>{});
+}
 
 template <typename scalar_t>
 constexpr bool kReducedFloat =
@@ -52,7 +73,7 @@ constexpr bool kReducedFloat =
 // `n` is the number of valid lanes: lanes past it read as zero and are not written.
 
 template <typename acc_t, typename scalar_t>
-inline Vectorized<acc_t> load(const scalar_t* p) {
+FPM_INLINE Vectorized<acc_t> load(const scalar_t* p) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     return Vectorized<acc_t>::loadu(p);
   } else {
@@ -63,16 +84,22 @@ inline Vectorized<acc_t> load(const scalar_t* p) {
   }
 }
 
+// The first n < V lanes (the tail of a run); kept out of line, it is rare.
 template <typename acc_t, typename scalar_t>
-inline Vectorized<acc_t> load(const scalar_t* p, int64_t n) {
-  if (n == kLanes<acc_t>) return load<acc_t>(p);
+Vectorized<acc_t> load_partial(const scalar_t* p, int64_t n) {
   alignas(64) acc_t tmp[kLanes<acc_t>] = {};
   for (int64_t i = 0; i < n; ++i) tmp[i] = static_cast<acc_t>(p[i]);
   return Vectorized<acc_t>::loadu(tmp);
 }
 
+template <typename acc_t, typename scalar_t>
+FPM_INLINE Vectorized<acc_t> load(const scalar_t* p, int64_t n) {
+  if (n == kLanes<acc_t>) return load<acc_t>(p);
+  return load_partial<acc_t>(p, n);
+}
+
 template <typename scalar_t, typename acc_t>
-inline void store(scalar_t* p, Vectorized<acc_t> v) {
+FPM_INLINE void store(scalar_t* p, Vectorized<acc_t> v) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     v.store(p);
   } else {
@@ -88,24 +115,42 @@ inline void store(scalar_t* p, Vectorized<acc_t> v) {
   }
 }
 
+// The first n < V lanes, out of line.  (No masked store instruction: vmaskmov stores are
+// microcoded and slow on some x86 cores.)
 template <typename scalar_t, typename acc_t>
-inline void store(scalar_t* p, Vectorized<acc_t> v, int64_t n) {
-  if (n == kLanes<acc_t>) return store(p, v);
-  // (No masked store instruction: vmaskmov stores are microcoded and slow on some x86 cores.)
+void store_partial(scalar_t* p, Vectorized<acc_t> v, int64_t n) {
   alignas(64) acc_t tmp[kLanes<acc_t>];
   v.store(tmp);
   for (int64_t i = 0; i < n; ++i) p[i] = static_cast<scalar_t>(tmp[i]);
 }
 
-// Keep the first n lanes of v, zero the rest (so a NaN never leaks from padding lanes).
+template <typename scalar_t, typename acc_t>
+FPM_INLINE void store(scalar_t* p, Vectorized<acc_t> v, int64_t n) {
+  if (n == kLanes<acc_t>) return store(p, v);
+  store_partial(p, v, n);
+}
+
+// Bit masks of lanes: V all-ones lanes, then V zero lanes.
 template <typename acc_t>
-inline Vectorized<acc_t> first_lanes(Vectorized<acc_t> v, int64_t n) {
-  return n == kLanes<acc_t> ? v : Vectorized<acc_t>::set(Vectorized<acc_t>(acc_t(0)), v, n);
+struct LaneMasks {
+  using bits_t = std::conditional_t<sizeof(acc_t) == 4, uint32_t, uint64_t>;
+  bits_t bits[2 * kLanes<acc_t>];
+  constexpr LaneMasks() : bits{} {
+    for (int64_t i = 0; i < kLanes<acc_t>; ++i) bits[i] = ~bits_t(0);
+  }
+};
+
+// Keep the first n lanes of v, zero the rest (bitwise, so a NaN never leaks from padding).
+template <typename acc_t>
+FPM_INLINE Vectorized<acc_t> first_lanes(Vectorized<acc_t> v, int64_t n) {
+  alignas(64) static constexpr LaneMasks<acc_t> kMasks{};
+  if (n == kLanes<acc_t>) return v;
+  return v & Vectorized<acc_t>::loadu(kMasks.bits + kLanes<acc_t> - n);
 }
 
 // Sum of the lanes in a fixed order (deterministic).
 template <typename acc_t>
-inline acc_t lane_sum(Vectorized<acc_t> v) {
+FPM_INLINE acc_t lane_sum(Vectorized<acc_t> v) {
   alignas(64) acc_t tmp[kLanes<acc_t>];
   v.store(tmp);
   acc_t s = 0;
@@ -120,7 +165,7 @@ inline acc_t lane_sum(Vectorized<acc_t> v) {
 // by non-temporal and partly by ordinary stores is far slower than either.  Call
 // output_fence() before the written memory is handed to another thread.
 template <typename scalar_t, typename acc_t>
-inline void store_output(scalar_t* p, Vectorized<acc_t> v, int64_t n, bool streaming) {
+FPM_INLINE void store_output(scalar_t* p, Vectorized<acc_t> v, int64_t n, bool streaming) {
 #if defined(CPU_CAPABILITY_AVX2)
   if (streaming) {
     if constexpr (std::is_same_v<scalar_t, float>) {
@@ -232,31 +277,34 @@ constexpr int64_t kMaxFlatPlane = 1024;
 constexpr int64_t kTaskElements = 8192;
 // Minimum number of tasks of a traversal, so that every thread gets work even at batch 1.
 constexpr int64_t kTargetTasks = 64;
+// A sample whose inputs take at most this many bytes is one task: its statistics (sums),
+// then the pass that needs them, while its data is still in L2 -- one parallel region and
+// one read from memory instead of two.  Larger samples run as two parallel passes.
+constexpr int64_t kFusedSampleBytes = 512 << 10;
+// ... given at least this many samples to share among the threads.
+constexpr int64_t kMinFusedSamples = 4;
 
 template <typename acc_t>
 struct Geometry {
   int64_t N, C, H, W, G, Cg;
   int64_t rh, rw;  // pool radius along H and W, clipped to the plane
   Traversal traversal;
-  // Row-chunked traversals (strips, rows): units are strips of a sample or planes.
-  int64_t units, strip_width, strips, chunks, rows_per_chunk;
-  // Planes: planes per task.
-  int64_t planes_per_task;
-  int64_t tasks;
+  bool fused;  // one task per sample (kFusedSampleBytes)
+  // Items of work: strip tasks (sample, row chunk, strip), row tasks (plane, row chunk) or
+  // planes, numbered sample by sample.
+  int64_t strip_width, strips, chunks, rows_per_chunk, items_per_sample;
+  // Two-phase passes: tasks of items_per_task consecutive items.
+  int64_t items_per_task, tasks;
   const acc_t* inv_h;    // (H,) 1 / valid-tap count along H
   const acc_t* inv_w;    // (W,) ... along W
   const acc_t* inv_cnt;  // planes: (H * W,) 1 / (cnt_h * cnt_w)
   const acc_t* masks;    // planes: (2 rw, H * W) all-ones bits where the neighbour w + d exists
 
   int64_t plane_numel() const { return H * W; }
+  int64_t sample_numel() const { return C * H * W; }
   int64_t padded_plane() const { return round_up(H * W, kLanes<acc_t>); }
-  int64_t task_elements() const {
-    switch (traversal) {
-      case Traversal::kStrips: return rows_per_chunk * W * strip_width;
-      case Traversal::kPlanes: return planes_per_task * H * W;
-      default: return rows_per_chunk * W;
-    }
-  }
+  int64_t items() const { return N * items_per_sample; }
+  int64_t item_elements() const { return sample_numel() / std::max<int64_t>(items_per_sample, 1); }
   // Partial sums (backward): one per (chunk, n, c).
   int64_t partial_chunks() const { return traversal == Traversal::kPlanes ? 1 : chunks; }
 };
@@ -267,32 +315,37 @@ inline Traversal choose_traversal(const MixerShape& s, int64_t lanes) {
   return Traversal::kRows;
 }
 
-// The shape-only split into tasks, and the tables of the traversal in `ws` (call from
-// inside a Workspace layout: with a null arena pointer nothing is written).
+// The shape-only split into work items and tasks.  `sample_bytes` is what one sample's
+// inputs take (x in the forward, x and dy in the backward).
 template <typename acc_t>
-Geometry<acc_t> make_geometry(const MixerShape& s) {
+Geometry<acc_t> make_geometry(const MixerShape& s, int64_t sample_bytes) {
   constexpr int64_t V = kLanes<acc_t>;
   Geometry<acc_t> g{};
   g.N = s.N, g.C = s.C, g.H = s.H, g.W = s.W, g.G = s.G, g.Cg = s.Cg;
   g.rh = effective_radius(s.radius, s.H);
   g.rw = effective_radius(s.radius, s.W);
   g.traversal = choose_traversal(s, V);
-  if (g.traversal == Traversal::kPlanes) {
-    const int64_t planes = s.N * s.C;
-    g.planes_per_task = std::clamp<int64_t>(kTaskElements / std::max<int64_t>(s.H * s.W, 1), 1,
-                                            std::max<int64_t>(1, planes / kTargetTasks));
-    g.tasks = (planes + g.planes_per_task - 1) / g.planes_per_task;
-    g.chunks = 1;
-    return g;
-  }
+  g.fused = sample_bytes <= kFusedSampleBytes && s.N >= kMinFusedSamples;
   g.strip_width = g.traversal == Traversal::kStrips ? kStripVectors * V : 1;
   g.strips = g.traversal == Traversal::kStrips ? (s.C + g.strip_width - 1) / g.strip_width : 1;
-  g.units = g.traversal == Traversal::kStrips ? s.N * g.strips : s.N * s.C;
-  const int64_t want = (kTargetTasks + g.units - 1) / std::max<int64_t>(g.units, 1);
-  const int64_t chunks = std::clamp<int64_t>(want, 1, std::max<int64_t>(s.H, 1));
-  g.rows_per_chunk = (s.H + chunks - 1) / chunks;
-  g.chunks = (s.H + g.rows_per_chunk - 1) / g.rows_per_chunk;
-  g.tasks = g.units * g.chunks;
+  if (g.traversal == Traversal::kPlanes) {
+    g.chunks = 1;
+    g.rows_per_chunk = s.H;
+    g.items_per_sample = s.C;
+    const int64_t planes = s.N * s.C;
+    g.items_per_task = std::clamp<int64_t>(kTaskElements / std::max<int64_t>(s.H * s.W, 1), 1,
+                                           std::max<int64_t>(1, planes / kTargetTasks));
+  } else {
+    // Row chunks: enough tasks to keep every thread busy at batch 1.
+    const int64_t units = s.N * (g.traversal == Traversal::kStrips ? g.strips : s.C);
+    const int64_t want = (kTargetTasks + units - 1) / std::max<int64_t>(units, 1);
+    const int64_t chunks = std::clamp<int64_t>(want, 1, std::max<int64_t>(s.H, 1));
+    g.rows_per_chunk = (s.H + chunks - 1) / chunks;
+    g.chunks = (s.H + g.rows_per_chunk - 1) / g.rows_per_chunk;
+    g.items_per_sample = g.chunks * (g.traversal == Traversal::kStrips ? g.strips : s.C);
+    g.items_per_task = 1;
+  }
+  g.tasks = (g.items() + g.items_per_task - 1) / g.items_per_task;
   return g;
 }
 
@@ -327,17 +380,52 @@ void take_tables(Geometry<acc_t>& g, WS& ws) {
   }
 }
 
-// Runs body(task, scratch) over every task, in parallel; scratch(arena) lays out a
-// task's scratch, set up once per parallel chunk.
-template <typename acc_t, typename Layout, typename Body>
-void for_each_task(const Geometry<acc_t>& g, Layout layout, Body body) {
-  at::parallel_for(0, g.tasks, grain_size(g.task_elements()), [&](int64_t begin, int64_t end) {
-    Scratch scratch;
-    decltype(layout(scratch)) buffers{};
-    scratch.fit([&](Scratch& arena) { buffers = layout(arena); });
-    for (int64_t t = begin; t < end; ++t) body(t, buffers);
-    output_fence();
-  });
+// Scratch of one thread for the traversal of g: column sums (strips, rows) or the padded
+// copies of a plane.
+template <typename acc_t>
+struct PlaneScratch {
+  acc_t* xs;  // the source with rh rows of zeros above and below
+  acc_t* vs;  // the vertical sums with rw zeros on each side
+};
+
+template <typename acc_t>
+struct TraversalScratch {
+  Vectorized<acc_t>* strip_columns = nullptr;  // (W + 2 rw) * kStripVectors, rw zeros each side
+  acc_t* row_columns = nullptr;                // W + V, with rw zeros before
+  PlaneScratch<acc_t> plane{};
+};
+
+template <typename acc_t, typename A>
+TraversalScratch<acc_t> take_traversal_scratch(const Geometry<acc_t>& g, A& arena) {
+  constexpr int64_t V = kLanes<acc_t>;
+  TraversalScratch<acc_t> s;
+  switch (g.traversal) {
+    case Traversal::kStrips:
+      s.strip_columns = arena.template take<Vectorized<acc_t>>((g.W + 2 * g.rw) * kStripVectors);
+      break;
+    case Traversal::kRows: {
+      const int64_t size = g.W + 2 * g.rw + V;
+      acc_t* col = arena.template take<acc_t>(size);
+      if (col != nullptr) {
+        std::fill(col, col + size, acc_t(0));
+        s.row_columns = col + g.rw;
+      }
+      break;
+    }
+    case Traversal::kPlanes: {
+      const int64_t P = g.padded_plane();
+      const int64_t xs_size = P + 2 * g.rh * g.W + 2 * V, vs_size = P + 2 * g.rw + 2 * V;
+      acc_t* xs = arena.template take<acc_t>(xs_size);
+      acc_t* vs = arena.template take<acc_t>(vs_size);
+      if (xs != nullptr) {
+        std::fill(xs, xs + xs_size, acc_t(0));
+        std::fill(vs, vs + vs_size, acc_t(0));
+        s.plane = {xs + g.rh * g.W + V, vs + g.rw + V};
+      }
+      break;
+    }
+  }
+  return s;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -374,65 +462,158 @@ void read_into(acc_t* out, const VectorArg& v, int64_t count) {
   }
 }
 
+// The per-channel tables: res_scale and layer_scale * weight.
 template <typename scalar_t, typename acc_t>
-void fill_factors(const Factors<acc_t>& f, const MixerShape& s, const MixerParams& p,
-                  const acc_t* mean_ng, const acc_t* rstd_ng) {
+void fill_channel_factors(const Factors<acc_t>& f, const MixerShape& s, const MixerParams& p) {
   read_into<scalar_t>(f.res, p.res_scale, s.C);
   read_into<scalar_t>(f.channel, p.weight, s.C);
-  // coef temporarily holds layer_scale (row 0), then every row is formed from it.
-  read_into<scalar_t>(f.coef, p.layer_scale, s.C);
-  for (int64_t c = 0; c < s.C; ++c) f.channel[c] *= f.coef[c];
-  for (int64_t n = 0; n < s.N; ++n) {
-    const acc_t sample = p.sample_factor<scalar_t, acc_t>(n);
-    for (int64_t g = 0; g < s.G; ++g) {
-      const acc_t m = mean_ng[n * s.G + g], r = rstd_ng[n * s.G + g] * sample;
-      acc_t* mean = f.mean + n * s.C + g * s.Cg;
-      acc_t* coef = f.coef + n * s.C + g * s.Cg;
-      const acc_t* channel = f.channel + g * s.Cg;
-      for (int64_t c = 0; c < s.Cg; ++c) {
-        mean[c] = m;
-        coef[c] = channel[c] * r;
-      }
+  acc_t* layer_scale = f.coef;  // row 0 of coef as scratch: the rows are written afterwards
+  read_into<scalar_t>(layer_scale, p.layer_scale, s.C);
+  for (int64_t c = 0; c < s.C; ++c) f.channel[c] *= layer_scale[c];
+}
+
+// Row n of the (N, C) tables, from the sample's statistics (after fill_channel_factors).
+template <typename acc_t>
+void fill_sample_factors(const Factors<acc_t>& f, const MixerShape& s, int64_t n, acc_t sample,
+                         const acc_t* mean_ng, const acc_t* rstd_ng) {
+  for (int64_t g = 0; g < s.G; ++g) {
+    const acc_t m = mean_ng[n * s.G + g], r = rstd_ng[n * s.G + g] * sample;
+    acc_t* mean = f.mean + n * s.C + g * s.Cg;
+    acc_t* coef = f.coef + n * s.C + g * s.Cg;
+    const acc_t* channel = f.channel + g * s.Cg;
+    for (int64_t c = 0; c < s.Cg; ++c) {
+      mean[c] = m;
+      coef[c] = channel[c] * r;
     }
   }
+}
+
+// ---------------------------------------------------------------------------------------
+// The pool radius as a compile-time constant R where it is 1 (pool_size 3, the PoolFormer
+// default, or a larger pool clipped by a 3-wide plane): the loops over the window unroll
+// and a channels_last row keeps its window of column sums in registers.  R = -1: read the
+// radii from the geometry.
+
+template <typename acc_t, typename Body>
+inline void with_radius(const Geometry<acc_t>& g, Body body) {
+  if (g.rh == 1 && g.rw == 1) {
+    body(std::integral_constant<int, 1>{});
+  } else {
+    body(std::integral_constant<int, -1>{});
+  }
+}
+
+template <int R>
+constexpr int64_t radius_or(int64_t runtime) {
+  return R >= 0 ? R : runtime;
+}
+
+// The rows of the pool window of output row h: [hb, he].  A pass gives the traversals a
+// row source: source(hh) -> a callable (position, ...) -> the source vector of row hh there.
+// With a constant radius the window's rows are a constant number K of row sources (its
+// pointers set up once per output row); otherwise (K = 0) they are looked up per element.
+template <int R, typename Body>
+FPM_INLINE void with_window_rows(int64_t rows, Body body) {
+  if constexpr (R < 0) {
+    body(std::integral_constant<int, 0>{});
+  } else {
+    [&]<int... I>(std::integer_sequence<int, I...>) FPM_LAMBDA_INLINE {
+      ((rows == I + 1 ? (body(std::integral_constant<int, I + 1>{}), true) : false) || ...);
+    }(std::make_integer_sequence<int, 2 * R + 1>{});
+  }
+}
+
+// The vertical sum at `at...` of the window's rows: K row sources in `rows`, or (K = 0) the
+// rows [hb, he] of `source`.
+template <int K, typename Vec, typename Rows, typename Source, typename... At>
+FPM_INLINE Vec vertical_sum(const Rows& rows, const Source& source, int64_t hb, int64_t he,
+                            At... at) {
+  if constexpr (K > 0) {
+    Vec v = rows[0](at...);
+    unrolled<K - 1>([&](auto i) FPM_LAMBDA_INLINE { v += rows[i + 1](at...); });
+    return v;
+  } else {
+    Vec v = source(hb)(at...);
+    for (int64_t hh = hb + 1; hh <= he; ++hh) v += source(hh)(at...);
+    return v;
+  }
+}
+
+// The K row sources of rows hb, hb + 1, ... (an empty array for K = 0).
+template <int K, typename Source>
+FPM_INLINE auto window_rows(const Source& source, int64_t hb) {
+  return [&]<int... I>(std::integer_sequence<int, I...>) FPM_LAMBDA_INLINE {
+    return std::array<decltype(source(hb)), K>{source(hb + I)...};
+  }(std::make_integer_sequence<int, K>{});
 }
 
 // ---------------------------------------------------------------------------------------
 // Traversal: channels_last strips.  A strip is `nv` vectors of channels starting at c0 of
 // sample n (the last one `tail` lanes wide); box sums for rows [h_begin, h_end).
 //
-// source(hh, w, k) -> vector k of the strip's source at (hh, w);
+// source(hh) -> row source: (w, k) -> vector k of the strip's source at (hh, w);
 // column(v, w) -> the vertical sum v scaled by a factor shared by column w;
 // emit(h, w, box) with box[k] the box sum of vector k at (h, w).
-// `col` is scratch for (W + 2 rw) * kStripVectors vectors.
+// `col` is scratch for (W + 2 rw) * kStripVectors vectors (runtime radius only).
 
-template <int NV, typename acc_t, typename Source, typename Column, typename Emit>
-inline void strip_box_sums(const Geometry<acc_t>& g, int64_t h_begin, int64_t h_end,
+template <int R, int NV, typename acc_t, typename Source, typename Column, typename Emit>
+FPM_INLINE void strip_box_sums(const Geometry<acc_t>& g, int64_t h_begin, int64_t h_end,
                            Vectorized<acc_t>* col, Source source, Column column, Emit emit) {
   using Vec = Vectorized<acc_t>;
-  const int64_t W = g.W, rw = g.rw;
-  Vec* c0 = col + rw * NV;  // rw zero columns on each side
-  for (int64_t i = 0; i < rw * NV; ++i) col[i] = c0[W * NV + i] = Vec(acc_t(0));
+  const int64_t W = g.W;
   for (int64_t h = h_begin; h < h_end; ++h) {
     const int64_t hb = window_begin(h, g.rh), he = window_end(h, g.rh, g.H);
-    auto vertical = [&](int64_t w) {
-      for (int k = 0; k < NV; ++k) {
-        Vec v = source(hb, w, k);
-        for (int64_t hh = hb + 1; hh <= he; ++hh) v += source(hh, w, k);
-        c0[w * NV + k] = column(v, w);
-      }
+    with_window_rows<R>(he - hb + 1, [&](auto rows_const) FPM_LAMBDA_INLINE {
+    constexpr int K = decltype(rows_const)::value;
+    const auto rows = window_rows<K>(source, hb);
+    auto vertical = [&](int64_t w, auto k) FPM_LAMBDA_INLINE {
+      return column(vertical_sum<K, Vec>(rows, source, hb, he, w, k), w);
     };
-    for (int64_t w = 0; w < std::min(rw, W); ++w) vertical(w);
-    for (int64_t w = 0; w < W; ++w) {
-      if (w + rw < W) vertical(w + rw);
-      Vec box[NV];
-      for (int k = 0; k < NV; ++k) {
-        Vec s = c0[(w - rw) * NV + k];
-        for (int64_t d = -rw + 1; d <= rw; ++d) s += c0[(w + d) * NV + k];
-        box[k] = s;
+    if constexpr (R >= 0) {
+      // The column sums of columns w - R .. w + R, in registers, shifted along the row.
+      Vec win[2 * R + 1][NV];
+      unrolled<2 * R + 1>([&](auto i) FPM_LAMBDA_INLINE {
+        const int64_t w = i - R;
+        unrolled<NV>([&](auto k) FPM_LAMBDA_INLINE {
+          win[i][k] = w >= 0 && w < W ? vertical(w, k) : Vec(acc_t(0));
+        });
+      });
+      for (int64_t w = 0; w < W; ++w) {
+        Vec box[NV];
+        unrolled<NV>([&](auto k) FPM_LAMBDA_INLINE {
+          box[k] = win[0][k];
+          unrolled<2 * R>([&](auto i) FPM_LAMBDA_INLINE { box[k] += win[i + 1][k]; });
+        });
+        emit(h, w, box);
+        unrolled<2 * R>([&](auto i) FPM_LAMBDA_INLINE {
+          unrolled<NV>([&](auto k) FPM_LAMBDA_INLINE { win[i][k] = win[i + 1][k]; });
+        });
+        const bool inside = w + R + 1 < W;
+        unrolled<NV>([&](auto k) FPM_LAMBDA_INLINE {
+          win[2 * R][k] = inside ? vertical(w + R + 1, k) : Vec(acc_t(0));
+        });
       }
-      emit(h, w, box);
+    } else {
+      const int64_t rw = g.rw;
+      Vec* c0 = col + rw * NV;  // rw zero columns on each side
+      for (int64_t i = 0; i < rw * NV; ++i) col[i] = c0[W * NV + i] = Vec(acc_t(0));
+      for (int64_t w = 0; w < std::min(rw, W); ++w) {
+        for (int k = 0; k < NV; ++k) c0[w * NV + k] = vertical(w, k);
+      }
+      for (int64_t w = 0; w < W; ++w) {
+        if (w + rw < W) {
+          for (int k = 0; k < NV; ++k) c0[(w + rw) * NV + k] = vertical(w + rw, k);
+        }
+        Vec box[NV];
+        for (int k = 0; k < NV; ++k) {
+          Vec s = c0[(w - rw) * NV + k];
+          for (int64_t d = -rw + 1; d <= rw; ++d) s += c0[(w + d) * NV + k];
+          box[k] = s;
+        }
+        emit(h, w, box);
+      }
     }
+    });
   }
 }
 
@@ -442,7 +623,7 @@ struct StripTask {
 };
 
 template <typename acc_t>
-inline StripTask strip_task(const Geometry<acc_t>& g, int64_t t) {
+FPM_INLINE StripTask strip_task(const Geometry<acc_t>& g, int64_t t) {
   constexpr int64_t V = kLanes<acc_t>;
   // Strips fastest: consecutive tasks read neighbouring lines of the same rows.
   StripTask s;
@@ -457,56 +638,42 @@ inline StripTask strip_task(const Geometry<acc_t>& g, int64_t t) {
   return s;
 }
 
-// Runs body(std::integral_constant<int, NV>) with the strip's vector count as a constant.
-template <typename Body>
-inline void with_strip_vectors(int64_t nv, Body body) {
+// Runs body(NV, kFull): the strip's vector count and whether its last vector is full, as
+// compile-time constants (std::integral_constant / std::bool_constant).
+template <typename acc_t, typename Body>
+FPM_INLINE void with_strip_shape(const StripTask& st, Body body) {
   static_assert(kStripVectors == 2);
-  nv == 2 ? body(std::integral_constant<int, 2>{}) : body(std::integral_constant<int, 1>{});
-}
-
-template <typename acc_t>
-inline int64_t strip_scratch_vectors(const Geometry<acc_t>& g) {
-  return (g.W + 2 * g.rw) * kStripVectors;
+  const bool full = st.tail == kLanes<acc_t>;
+  if (st.nv == 2) {
+    full ? body(std::integral_constant<int, 2>{}, std::true_type{})
+         : body(std::integral_constant<int, 2>{}, std::false_type{});
+  } else {
+    full ? body(std::integral_constant<int, 1>{}, std::true_type{})
+         : body(std::integral_constant<int, 1>{}, std::false_type{});
+  }
 }
 
 // ---------------------------------------------------------------------------------------
 // Traversal: flat NCHW planes (short rows).  source(i, n) -> the source at flat positions
 // [i, i + n) of the plane (n valid lanes, zeros past them); emit(i, n, box).
-// xs and vs are scratch for padded copies of the plane (plane_scratch sizes).
 
-template <typename acc_t>
-struct PlaneScratch {
-  acc_t* xs;  // the source with rh rows of zeros above and below
-  acc_t* vs;  // the vertical sums with rw zeros on each side
-};
-
-template <typename acc_t, typename A>
-PlaneScratch<acc_t> take_plane_scratch(const Geometry<acc_t>& g, A& arena) {
-  constexpr int64_t V = kLanes<acc_t>;
-  const int64_t P = g.padded_plane();
-  acc_t* xs = arena.template take<acc_t>(P + 2 * g.rh * g.W + 2 * V);
-  acc_t* vs = arena.template take<acc_t>(P + 2 * g.rw + 2 * V);
-  if (xs == nullptr) return {nullptr, nullptr};
-  std::fill(xs, xs + P + 2 * g.rh * g.W + 2 * V, acc_t(0));
-  std::fill(vs, vs + P + 2 * g.rw + 2 * V, acc_t(0));
-  return {xs + g.rh * g.W + V, vs + g.rw + V};
-}
-
-template <typename acc_t, typename Source, typename Emit>
-inline void plane_box_sums(const Geometry<acc_t>& g, const PlaneScratch<acc_t>& s, Source source,
+template <int R, typename acc_t, typename Source, typename Emit>
+FPM_INLINE void plane_box_sums(const Geometry<acc_t>& g, const PlaneScratch<acc_t>& s, Source source,
                            Emit emit) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = kLanes<acc_t>;
   const int64_t HW = g.plane_numel(), P = g.padded_plane(), W = g.W;
-  const int64_t rh = g.rh, rw = g.rw;
+  const int64_t rh = radius_or<R>(g.rh), rw = radius_or<R>(g.rw);
   acc_t* xs = s.xs;
   acc_t* vs = s.vs;
   for (int64_t i = 0; i < P; i += V) source(i, std::min(V, HW - i)).store(xs + i);
+  // Vertical: rows outside the plane are the zero padding of xs.
   for (int64_t i = 0; i < P; i += V) {
     Vec v = Vec::loadu(xs + i - rh * W);
     for (int64_t d = -rh + 1; d <= rh; ++d) v += Vec::loadu(xs + i + d * W);
     v.store(vs + i);
   }
+  // Horizontal: neighbours past a row's ends are masked out (bitwise, so nothing leaks).
   for (int64_t i = 0; i < P; i += V) {
     Vec box = Vec::loadu(vs + i);
     const acc_t* mask = g.masks + i;
@@ -521,43 +688,37 @@ inline void plane_box_sums(const Geometry<acc_t>& g, const PlaneScratch<acc_t>& 
 
 // ---------------------------------------------------------------------------------------
 // Traversal: NCHW rows.  For each row h in [h_begin, h_end) of one plane: the vertical
-// sums of source(hh, w, n) (read straight from memory: a window's rows are L1-resident)
-// scaled by column(sum, w, n), then emit(h, box) with box(w, n) the horizontal sum.
+// sums of source(hh)(w, n) (read straight from memory: a window's rows are L1-resident)
+// scaled by column(sum, w, n), then emit(h, box) with box(w) the horizontal sum.
 
-template <typename acc_t>
+template <int R, typename acc_t>
 struct HorizontalSum {
   const acc_t* col;
-  int64_t rw;
+  int64_t rw_runtime;
   // (Full loads: col has zeros past the row's end.)
-  Vectorized<acc_t> operator()(int64_t w) const {
+  FPM_INLINE Vectorized<acc_t> operator()(int64_t w) const {
+    const int64_t rw = radius_or<R>(rw_runtime);
     Vectorized<acc_t> s = Vectorized<acc_t>::loadu(col + w - rw);
     for (int64_t d = -rw + 1; d <= rw; ++d) s += Vectorized<acc_t>::loadu(col + w + d);
     return s;
   }
 };
 
-template <typename acc_t, typename A>
-acc_t* take_row_scratch(const Geometry<acc_t>& g, A& arena) {
-  const int64_t size = g.W + 2 * g.rw + kLanes<acc_t>;
-  acc_t* col = arena.template take<acc_t>(size);
-  if (col == nullptr) return nullptr;
-  std::fill(col, col + size, acc_t(0));
-  return col + g.rw;
-}
-
-template <typename acc_t, typename Source, typename Column, typename Emit>
-inline void row_box_sums(const Geometry<acc_t>& g, int64_t h_begin, int64_t h_end, acc_t* col,
+template <int R, typename acc_t, typename Source, typename Column, typename Emit>
+FPM_INLINE void row_box_sums(const Geometry<acc_t>& g, int64_t h_begin, int64_t h_end, acc_t* col,
                          Source source, Column column, Emit emit) {
   constexpr int64_t V = kLanes<acc_t>;
   for (int64_t h = h_begin; h < h_end; ++h) {
     const int64_t hb = window_begin(h, g.rh), he = window_end(h, g.rh, g.H);
-    for (int64_t w = 0; w < g.W; w += V) {
-      const int64_t n = std::min(V, g.W - w);
-      Vectorized<acc_t> v = source(hb, w, n);
-      for (int64_t hh = hb + 1; hh <= he; ++hh) v += source(hh, w, n);
-      store(col + w, column(v, w, n), n);
-    }
-    emit(h, HorizontalSum<acc_t>{col, g.rw});
+    with_window_rows<R>(he - hb + 1, [&](auto rows_const) FPM_LAMBDA_INLINE {
+      constexpr int K = decltype(rows_const)::value;
+      const auto rows = window_rows<K>(source, hb);
+      for (int64_t w = 0; w < g.W; w += V) {
+        const int64_t n = std::min(V, g.W - w);
+        store(col + w, column(vertical_sum<K, Vectorized<acc_t>>(rows, source, hb, he, w, n), w, n), n);
+      }
+    });
+    emit(h, HorizontalSum<R, acc_t>{col, g.rw});
   }
 }
 
@@ -567,13 +728,52 @@ struct RowTask {
 };
 
 template <typename acc_t>
-inline RowTask row_task(const Geometry<acc_t>& g, int64_t t) {
+FPM_INLINE RowTask row_task(const Geometry<acc_t>& g, int64_t t) {
   RowTask r;
   r.plane = t / g.chunks;
   r.chunk = t % g.chunks;
   r.h_begin = r.chunk * g.rows_per_chunk;
   r.h_end = std::min(g.H, r.h_begin + g.rows_per_chunk);
   return r;
+}
+
+// ---------------------------------------------------------------------------------------
+// Running a pass.  A pass is a struct with member templates strip<R>(item, columns),
+// plane<R>(plane, plane_scratch) and row<R>(item, columns): one work item of each traversal.
+
+template <typename acc_t, typename Pass>
+inline void run_items(const Pass& pass, const Geometry<acc_t>& g, int64_t begin, int64_t end,
+                      const TraversalScratch<acc_t>& s) {
+  with_radius(g, [&](auto r) {
+    constexpr int R = decltype(r)::value;
+    switch (g.traversal) {
+      case Traversal::kStrips:
+        for (int64_t i = begin; i < end; ++i) pass.template strip<R>(i, s.strip_columns);
+        break;
+      case Traversal::kPlanes:
+        for (int64_t i = begin; i < end; ++i) pass.template plane<R>(i, s.plane);
+        break;
+      case Traversal::kRows:
+        for (int64_t i = begin; i < end; ++i) pass.template row<R>(i, s.row_columns);
+        break;
+    }
+  });
+}
+
+// Runs the pass over every task, in parallel, with one scratch per parallel chunk.
+template <typename acc_t, typename Pass>
+void run_tasks(const Geometry<acc_t>& g, const Pass& pass) {
+  const int64_t task_elements = g.items_per_task * g.item_elements();
+  at::parallel_for(0, g.tasks, grain_size(task_elements), [&](int64_t begin, int64_t end) {
+    Scratch scratch;
+    TraversalScratch<acc_t> buffers;
+    scratch.fit([&](Scratch& arena) { buffers = take_traversal_scratch(g, arena); });
+    for (int64_t t = begin; t < end; ++t) {
+      run_items(pass, g, t * g.items_per_task, std::min(g.items(), (t + 1) * g.items_per_task),
+                buffers);
+    }
+    output_fence();
+  });
 }
 
 }  // namespace cpu
