@@ -130,7 +130,7 @@ struct MixerParams {
   }
 };
 
-// The (C,) parameter gradients of one backward call (DESIGN: T[c] = sum_n rstd *
+// The (C,) parameter gradients of one backward call (docs/math.md: T[c] = sum_n rstd *
 // sample_scale * sum(D * dy), dweight = layer_scale * T, dlayer_scale = weight * T,
 // dres_scale = sum(x * dy), dbias = 0).
 struct ParamGrads {

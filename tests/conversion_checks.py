@@ -61,7 +61,7 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 def pooling_norm_bias_block(name: str, model: nn.Module):
     """The block of ``name`` where it is the norm1 bias of a pooling block (fused or not),
     else None.  That gradient is analytically zero: the bias cancels out of pool(n) - n
-    (DESIGN.md section 2)."""
+    (docs/math.md)."""
     block_name, _, param = name.rpartition(".")
     if param != "bias" or not block_name.endswith("norm1"):
         return None

@@ -153,7 +153,7 @@ def test_gradient_is_checked():
 
 
 # ---------------------------------------------------------------------------------------
-# The cost model (DESIGN.md section 5), against numbers derived by hand.
+# The cost model (docs/performance.md), against numbers derived by hand.
 
 SHAPE = (2, 8, 6, 6)
 E = 2 * 8 * 6 * 6

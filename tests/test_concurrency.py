@@ -7,9 +7,8 @@ import threading
 import pytest
 import torch
 
-from conftest import assert_close_to, make_inputs, requires_cuda
 from fused_poolformer import ops
-from hardening_utils import forward_backward, fused_backends, random_like, reference_forward_backward
+from helpers import FUSED, assert_close_to, forward_backward, make_inputs, random_like, reference_forward_backward
 
 THREADS = 4
 CALLS_PER_THREAD = 15
@@ -70,14 +69,7 @@ def check_concurrent(backend, device, shared):
             assert_close_to(got, grads_ref[name], got.dtype)
 
 
+@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("shared", [False, True], ids=["own_inputs", "shared_input"])
-@pytest.mark.parametrize("backend", fused_backends("cpu"))
-def test_cpu_threads(backend, shared):
-    check_concurrent(backend, "cpu", shared)
-
-
-@requires_cuda
-@pytest.mark.parametrize("shared", [False, True], ids=["own_inputs", "shared_input"])
-def test_cuda_threads(shared):
-    for backend in fused_backends("cuda"):
-        check_concurrent(backend, "cuda", shared)
+def test_threads_match_sequential_calls_and_the_reference(backend, device, shared):
+    check_concurrent(backend, device, shared)

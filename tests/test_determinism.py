@@ -11,24 +11,22 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, make_inputs, requires_cuda
 from fused_poolformer import ops
-from hardening_utils import forward_backward, fused_backends, random_like
+from helpers import CPU_KERNELS, FUSED, ROOT, forward_backward, make_inputs, random_like
 
 # 2 x 8 x 33 x 31 with one group: 8184 elements per group, so the statistics merge two
 # blocks and the stencil passes split every plane into several row chunks.
 SHAPE = (2, 8, 33, 31)
-CPU_CASES = [
-    pytest.param(backend, dtype, channels_last, id=f"{backend}-{str(dtype)[6:]}-{'cl' if channels_last else 'nchw'}")
-    for backend in fused_backends("cpu")
-    for dtype in (torch.float32, torch.bfloat16)
-    for channels_last in (False, True)
-]
+# A PoolFormer-like stage with N = 1 (the CPU kernels split its planes across threads) and
+# one with 64 channels (many tiles per plane on the GPU).
+SHAPES = pytest.mark.parametrize("shape", [SHAPE, (1, 32, 28, 28), (2, 64, 28, 28)], ids=str)
+DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+CL = pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
 
 
-def results(backend, dtype, channels_last, device="cpu", num_groups=1):
+def results(backend, dtype, channels_last, device="cpu", num_groups=1, shape=SHAPE):
     """y and every gradient, as a tuple of tensors."""
-    x, kw = make_inputs(SHAPE, dtype, channels_last, seed=11, device=device)
+    x, kw = make_inputs(shape, dtype, channels_last, seed=11, device=device)
     y, grads = forward_backward(ops.pool_mixer, x, kw, random_like(x, 12), backend=backend, num_groups=num_groups)
     return (y,) + tuple(grads[k] for k in sorted(grads))
 
@@ -62,21 +60,27 @@ class num_threads:
         torch.set_num_threads(self.saved)
 
 
-@pytest.mark.parametrize("backend,dtype,channels_last", CPU_CASES)
-def test_repeated_calls_are_bitwise_identical(backend, dtype, channels_last):
-    first = results(backend, dtype, channels_last)
+@pytest.mark.parametrize("backend", FUSED)
+@DTYPES
+@CL
+@SHAPES
+def test_repeated_calls_are_bitwise_identical(backend, device, dtype, channels_last, shape):
+    first = results(backend, dtype, channels_last, device, shape=shape)
     for _ in range(2):
-        assert_bitwise_equal(results(backend, dtype, channels_last), first)
+        assert_bitwise_equal(results(backend, dtype, channels_last, device, shape=shape), first)
 
 
-@pytest.mark.parametrize("backend,dtype,channels_last", CPU_CASES)
-def test_thread_count_does_not_change_a_bit(backend, dtype, channels_last):
+@pytest.mark.parametrize("backend", CPU_KERNELS)
+@DTYPES
+@CL
+@pytest.mark.parametrize("shape", [SHAPE, (1, 32, 28, 28)], ids=str)
+def test_thread_count_does_not_change_a_bit(backend, dtype, channels_last, shape):
     with num_threads(1):
-        one = results(backend, dtype, channels_last, num_groups=2)
+        one = results(backend, dtype, channels_last, num_groups=2, shape=shape)
     with num_threads(2):
-        two = results(backend, dtype, channels_last, num_groups=2)
+        two = results(backend, dtype, channels_last, num_groups=2, shape=shape)
     with num_threads(3):  # more threads than tasks per plane divide evenly into
-        three = results(backend, dtype, channels_last, num_groups=2)
+        three = results(backend, dtype, channels_last, num_groups=2, shape=shape)
     assert_bitwise_equal(one, two)
     assert_bitwise_equal(one, three)
 
@@ -90,7 +94,7 @@ print(t.digest(t.results({backend!r}, torch.float32, True)))
 """
 
 
-@pytest.mark.parametrize("backend", fused_backends("cpu"))
+@pytest.mark.parametrize("backend", CPU_KERNELS)
 def test_another_process_with_one_thread_gets_the_same_bits(backend):
     script = DIGEST_SCRIPT.format(root=ROOT, tests=os.path.join(ROOT, "tests"), backend=backend)
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -101,28 +105,15 @@ def test_another_process_with_one_thread_gets_the_same_bits(backend):
     assert out.stdout.strip().splitlines()[-1] == here
 
 
-@pytest.mark.parametrize("backend", fused_backends("cpu"))
-def test_deterministic_algorithms_mode_is_accepted(backend):
-    expected = results(backend, torch.float32, False)
+@pytest.mark.parametrize("backend", FUSED)
+@DTYPES
+@CL
+def test_deterministic_algorithms_mode_is_accepted(backend, device, dtype, channels_last):
+    expected = results(backend, dtype, channels_last, device)
     saved, saved_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        got = results(backend, torch.float32, False)
+        got = results(backend, dtype, channels_last, device)
     finally:
         torch.use_deterministic_algorithms(saved, warn_only=saved_warn)
     assert_bitwise_equal(got, expected)
-
-
-@requires_cuda
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-def test_cuda_repeated_calls_and_deterministic_mode(dtype, channels_last):
-    saved, saved_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    for backend in fused_backends("cuda"):
-        first = results(backend, dtype, channels_last, device="cuda")
-        assert_bitwise_equal(results(backend, dtype, channels_last, device="cuda"), first)
-        torch.use_deterministic_algorithms(True)
-        try:
-            assert_bitwise_equal(results(backend, dtype, channels_last, device="cuda"), first)
-        finally:
-            torch.use_deterministic_algorithms(saved, warn_only=saved_warn)

@@ -1,14 +1,18 @@
 """Errors: bad input is a Python exception that names the argument -- never an abort, a
 segfault or a silent wrong answer.
 
-- The C++ checks (csrc/pool_mixer_host.h), reached by calling the operators
+- The C++ checks (csrc/host.cpp), reached by calling the operators
   torch.ops.fused_poolformer.pool_mixer_forward/backward directly, run in a subprocess
   (`python tests/test_errors.py cpu|cuda` prints one JSON line per bad call): the test
   checks that the process survives all of them and that each message names the argument.
-- The public pool_mixer validates in Python first (fused_poolformer/ops.py): every branch
-  is checked in-process, and so are the errors for a backend that cannot serve the input.
+- The public pool_mixer: every rule, in-process, through backend="auto" (straight into
+  C++) and through each backend by name (the C++ prologue, or fused_poolformer/contract.py
+  for Triton and the reference): same exception type, same message.
+- The backend choice: "auto" picks the fused kernels of x's device; a backend that cannot
+  serve the input says why.
 """
 
+import functools
 import json
 import math
 import os
@@ -19,9 +23,9 @@ import sys
 import pytest
 import torch
 
-if __name__ == "__main__":  # run as the subprocess: conftest puts the checkout on sys.path
+if __name__ == "__main__":  # run as the subprocess: helpers puts the checkout on sys.path
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import ROOT, make_inputs, requires_cuda  # noqa: E402
+from helpers import CPP_BACKENDS, ROOT, backend_params, make_inputs, requires_cuda  # noqa: E402
 
 import fused_poolformer  # noqa: E402
 from fused_poolformer import ops  # noqa: E402
@@ -181,15 +185,9 @@ def check_bad_calls(results, cases):
     assert not problems, "\n".join(problems)
 
 
-@pytest.mark.skipif(not ops.HAS_CPU_KERNELS, reason="the CPU kernels were not built")
-def test_cpu_operator_errors_name_the_argument_and_the_process_survives():
-    check_bad_calls(bad_call_results("cpu"), cpu_cases("cpu"))
-
-
-@requires_cuda
-@pytest.mark.skipif(not ops.HAS_CUDA_KERNELS, reason="the CUDA kernels were not built")
-def test_cuda_operator_errors_name_the_argument_and_the_process_survives():
-    check_bad_calls(bad_call_results("cuda"), cuda_cases())
+@pytest.mark.parametrize("backend", CPP_BACKENDS)
+def test_operator_errors_name_the_argument_and_the_process_survives(backend):
+    check_bad_calls(bad_call_results(backend), cpu_cases("cpu") if backend == "cpu" else cuda_cases())
 
 
 @pytest.mark.skipif(not ops.HAS_CPU_KERNELS, reason="the C++ operators were not built")
@@ -200,44 +198,84 @@ def test_fake_kernels_reject_bad_arguments():
 
 
 # ---------------------------------------------------------------------------------------
-# The public API's Python validation.
+# The public API.
 
 X = make_inputs(SHAPE)[0]
 
 
-def public_cases():
-    """(id, positional x, keyword arguments, exception type, message fragment)."""
+@functools.lru_cache(maxsize=None)
+def public_cases(device="cpu"):
+    """{id: (positional x, keyword arguments, exception type, message fragment)}, on device."""
+    x = make_inputs(SHAPE, device=device)[0]
+    v = lambda n, dtype=torch.float32: vector(n, dtype, device)
     cases = [
         ("x_list", [[1.0]], {}, TypeError, "x must be a Tensor"),
-        ("x_rank_3", X[0], {}, ValueError, "x must be 4-D (N, C, H, W)"),
-        ("x_int", X.int(), {}, TypeError, "x must be float32, float64, float16 or bfloat16"),
-        ("weight_list", X, dict(weight=[1.0] * 4), TypeError, "weight must be a Tensor or None"),
-        ("sample_scale_length_4", X, dict(sample_scale=vector(4)), ValueError, "sample_scale must have shape (N,) = (2,)"),
-        ("sample_scale_on_meta", X, dict(sample_scale=vector(2).to("meta")), ValueError, "sample_scale is on meta"),
-        ("num_groups_3", X, dict(num_groups=3), ValueError, "num_groups (3) must divide the number of channels C (4)"),
-        ("backend_gpu", X, dict(backend="gpu"), ValueError, "backend must be one of"),
-        ("backend_cuda_for_cpu_tensor", X, dict(backend="cuda"), ValueError, "backend='cuda' cannot serve a tensor on cpu"),
-        ("backend_cpu_for_meta_tensor", X.to("meta"), dict(backend="cpu"), ValueError, "backend='cpu' cannot serve a tensor on meta"),
+        ("x_rank_3", x[0], {}, ValueError, "x must be 4-D (N, C, H, W)"),
+        ("x_int", x.int(), {}, TypeError, "x must be float32, float64, float16 or bfloat16"),
+        ("weight_list", x, dict(weight=[1.0] * 4), TypeError, "weight must be a Tensor or None"),
+        ("bias_4x1", x, dict(bias=v(4)[:, None]), ValueError, "bias must have shape (C,) = (4,)"),
+        ("sample_scale_length_3", x, dict(sample_scale=v(3)), ValueError, "sample_scale must have shape (N,) = (2,)"),
+        ("sample_scale_length_4", x, dict(sample_scale=v(4)), ValueError, "sample_scale must have shape (N,) = (2,)"),
+        ("sample_scale_on_meta", x, dict(sample_scale=v(2).to("meta")), ValueError, "sample_scale is on meta"),
+        ("num_groups_3", x, dict(num_groups=3), ValueError, "num_groups (3) must divide the number of channels C (4)"),
     ]
     for name in ("weight", "bias", "layer_scale", "res_scale"):
         cases += [
-            (f"{name}_length_3", X, {name: vector(3)}, ValueError, f"{name} must have shape (C,) = (4,)"),
-            (f"{name}_on_meta", X, {name: vector(4).to("meta")}, ValueError, f"{name} is on meta"),
-            (f"{name}_float64", X, {name: vector(4, torch.float64)}, TypeError, f"{name} has dtype torch.float64"),
+            (f"{name}_length_3", x, {name: v(3)}, ValueError, f"{name} must have shape (C,) = (4,)"),
+            (f"{name}_length_5", x, {name: v(5)}, ValueError, f"{name} must have shape (C,) = (4,)"),
+            (f"{name}_on_meta", x, {name: v(4).to("meta")}, ValueError, f"{name} is on meta"),
+            (f"{name}_float64", x, {name: v(4, torch.float64)}, TypeError, f"{name} has dtype torch.float64"),
         ]
     for groups in (0, -1, True, 2.0, "2"):
-        cases.append((f"num_groups_{groups!r}", X, dict(num_groups=groups), ValueError, "num_groups must be an integer >= 1"))
-    for k in (2, 0, -1, -3, True, 3.0):
-        cases.append((f"pool_size_{k!r}", X, dict(pool_size=k), ValueError, "pool_size must be a positive odd integer"))
+        cases.append((f"num_groups_{groups!r}", x, dict(num_groups=groups), ValueError,
+                      "num_groups must be an integer >= 1"))
+    for k in (4, 2, 0, -1, -3, True, 3.0):
+        cases.append((f"pool_size_{k!r}", x, dict(pool_size=k), ValueError, "pool_size must be a positive odd integer"))
     for eps in (0, 0.0, -1e-5, math.inf, math.nan, True, "1e-5", None):
-        cases.append((f"eps_{eps!r}", X, dict(eps=eps), ValueError, "eps must be a finite number > 0"))
-    return cases
+        cases.append((f"eps_{eps!r}", x, dict(eps=eps), ValueError, "eps must be a finite number > 0"))
+    return {name: case for name, *case in cases}
 
 
-@pytest.mark.parametrize("x,kwargs,error,fragment", [pytest.param(*c[1:], id=c[0]) for c in public_cases()])
-def test_public_api_errors_name_the_argument(x, kwargs, error, fragment):
+@pytest.mark.parametrize("case", list(public_cases()))
+def test_public_api_errors_name_the_argument(case):
+    """backend="auto" on CPU tensors: straight into the C++ operator where it is built."""
+    x, kwargs, error, fragment = public_cases()[case]
     with pytest.raises(error, match=re.escape(fragment)):
         fused_poolformer.pool_mixer(x, **kwargs)
+
+
+@pytest.mark.parametrize("backend", backend_params("cpu", "cuda", "triton", "reference", interpreted_triton=True))
+@pytest.mark.parametrize("case", list(public_cases()))
+def test_every_backend_raises_the_same_errors(backend, device, case):
+    """Each backend by name, on its device: the same exception and message as "auto"."""
+    x, kwargs, error, fragment = public_cases(device)[case]
+    with pytest.raises(error, match=re.escape(fragment)):
+        fused_poolformer.pool_mixer(x, backend=backend, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------
+# The backend choice.
+
+BACKEND_CASES = [
+    ("backend_gpu", X, "gpu", ValueError, "backend must be one of"),
+    ("backend_nope", X, "nope", ValueError, "backend must be one of"),
+    ("backend_cuda_for_cpu_tensor", X, "cuda", ValueError, "backend='cuda' cannot serve a tensor on cpu"),
+    ("backend_cpu_for_meta_tensor", X.to("meta"), "cpu", ValueError, "backend='cpu' cannot serve a tensor on meta"),
+]
+
+
+@pytest.mark.parametrize("x,backend,error,fragment", [pytest.param(*c[1:], id=c[0]) for c in BACKEND_CASES])
+def test_bad_backend_argument_says_why(x, backend, error, fragment):
+    with pytest.raises(error, match=re.escape(fragment)):
+        fused_poolformer.pool_mixer(x, backend=backend)
+
+
+@pytest.mark.parametrize("backend", CPP_BACKENDS)
+def test_auto_picks_the_fused_kernels_of_the_device(backend, device):
+    x, _ = make_inputs((1, 4, 3, 3), device=device)
+    assert ops.choose_backend("auto", x) == backend
+    assert backend in ops.available_backends(device)
+    assert torch.equal(fused_poolformer.pool_mixer(x), fused_poolformer.pool_mixer(x, backend=backend))
 
 
 def test_unavailable_cpu_backend_says_why(monkeypatch):
@@ -261,6 +299,7 @@ def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
         fused_poolformer.pool_mixer(X, backend="triton")
 
 
+@pytest.mark.gpu
 @requires_cuda
 def test_unavailable_cuda_backend_says_why(monkeypatch):
     monkeypatch.setattr(ops, "HAS_CUDA_KERNELS", False)
@@ -268,6 +307,7 @@ def test_unavailable_cuda_backend_says_why(monkeypatch):
         fused_poolformer.pool_mixer(X.cuda(), backend="cuda")
 
 
+@pytest.mark.gpu
 @requires_cuda
 def test_cpu_backend_refuses_cuda_tensors():
     with pytest.raises(ValueError, match=re.escape("backend='cpu' cannot serve a tensor on cuda")):

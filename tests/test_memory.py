@@ -6,9 +6,9 @@
 - Allocations per call on the CPU, read from the profiler's allocation trace
   (torch.profiler with profile_memory=True: every tensor allocation through the c10 CPU
   allocator is one "[memory]" event with its byte count, freed ones negative).  The
-  kernels' own std::vector scratch (a ring of k rows per thread, per-task partial sums)
-  does not pass through that allocator and is not counted; it is bounded by the row
-  length, not the tensor.
+  kernels' own std::vector scratch (one row of column sums per task, per-task partial
+  sums, per-(sample, channel) sums) does not pass through that allocator and is not
+  counted; none of it grows with H * W beyond one row.
 - RSS does not grow over 10**4 forward + backward calls (psutil).
 """
 
@@ -16,11 +16,10 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from conftest import call, make_inputs
 from fused_poolformer import contract, ops, reference
-from hardening_utils import DIFFERENTIABLE, forward_backward, fused_backends, random_like
+from helpers import (CPU_KERNELS, DIFFERENTIABLE, FUSED, call, forward_backward, make_inputs, random_like,
+                     requires_cpu_kernels, with_backend)
 
-CPU_BACKENDS = pytest.mark.parametrize("backend", fused_backends("cpu"))
 CL = pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 
 
@@ -39,11 +38,11 @@ def saved_tensor_bytes(fn, x, kw, **opts):
     return sum(saved.values())
 
 
-@CPU_BACKENDS
+@pytest.mark.parametrize("backend", FUSED)
 @CL
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_training_step_saves_only_x_and_statistics(backend, channels_last, dtype):
-    x, kw = make_inputs((4, 16, 28, 28), dtype, channels_last)
+def test_training_step_saves_only_x_and_statistics(backend, device, channels_last, dtype):
+    x, kw = make_inputs((4, 16, 28, 28), dtype, channels_last, device=device)
     activation = x.numel() * x.element_size()
     n, c, groups = x.shape[0], x.shape[1], 4
     small = 4 * c * 4 + n * 4 + 2 * n * groups * 4  # vectors (float32 at most) and float32 stats
@@ -51,6 +50,23 @@ def test_training_step_saves_only_x_and_statistics(backend, channels_last, dtype
     unfused = saved_tensor_bytes(reference.pool_mixer, x, kw, num_groups=groups)
     assert activation <= fused <= activation + small
     assert unfused >= 3 * activation  # x, the normed input and the pooled difference
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_the_one_large_saved_tensor_is_x_itself(backend, device):
+    """Autograd keeps x (no copy of it) and nothing else of x's size."""
+    x, kw = make_inputs((2, 8, 6, 6), torch.float32, device=device)
+    x.requires_grad_(True)
+    large = []
+
+    def pack(t):
+        if t.numel() >= x.numel():
+            large.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        call(with_backend(backend), x, kw)
+    assert len(large) == 1 and large[0].data_ptr() == x.data_ptr()
 
 
 # ---------------------------------------------------------------------------------------
@@ -88,7 +104,7 @@ def allocations_beyond(sizes, tensor_bytes, count):
     return sizes
 
 
-@pytest.mark.skipif("cpu" not in fused_backends("cpu"), reason="the CPU kernels were not built")
+@requires_cpu_kernels
 @CL
 @pytest.mark.parametrize("make_call", [forward_call, backward_call], ids=["forward", "backward"])
 def test_cpu_allocates_only_the_output_and_small_buffers(channels_last, make_call):
@@ -104,7 +120,7 @@ def test_cpu_allocates_only_the_output_and_small_buffers(channels_last, make_cal
     assert sum(beyond[0]) <= 16 * 1024, beyond[0]
 
 
-@pytest.mark.skipif("cpu" not in fused_backends("cpu"), reason="the CPU kernels were not built")
+@requires_cpu_kernels
 def test_cpu_copies_an_input_dense_in_neither_format_once():
     """A permuted x (dense in neither NCHW nor channels_last) costs one copy of x."""
     x, kw = make_inputs((2, 8, 24, 24))
@@ -119,7 +135,7 @@ def test_cpu_copies_an_input_dense_in_neither_format_once():
 # No growth over many calls.
 
 
-@CPU_BACKENDS
+@pytest.mark.parametrize("backend", CPU_KERNELS)
 def test_rss_does_not_grow_over_ten_thousand_calls(backend):
     psutil = pytest.importorskip("psutil")
     process = psutil.Process()

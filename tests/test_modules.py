@@ -20,6 +20,7 @@ from conversion_checks import (
 )
 from fused_poolformer.convert import convert_model
 from fused_poolformer.modules import FusedPoolMixer, drop_path_scale
+from helpers import backend_params
 from poolformer_replica import OriginalPoolFormer
 
 
@@ -51,7 +52,7 @@ MIXER_CASES = [
 ]
 
 
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("backend", backend_params("cpu", "reference"))
 @pytest.mark.parametrize("case", MIXER_CASES)
 def test_fused_pool_mixer_matches_stock_modules(case, backend):
     pool_size, groups, eps, affine, layer_scale, res_scale, drop, training = case

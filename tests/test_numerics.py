@@ -7,21 +7,12 @@ import math
 import pytest
 import torch
 
-from conftest import TOL, assert_close_to, make_inputs
 from fused_poolformer import ops
-from hardening_utils import DIFFERENTIABLE, forward_backward, fused_backends, random_like, reference_forward_backward
+from helpers import (DIFFERENTIABLE, FUSED, TOL, assert_close_to, call, forward_backward, make_inputs, random_like,
+                     reference64, reference_forward_backward, with_backend)
 
-def backend_cases():
-    """(device, backend) for every fused backend that can run here."""
-    cases = [("cpu", b) for b in fused_backends("cpu")]
-    if torch.cuda.is_available():
-        cases += [("cuda", b) for b in fused_backends("cuda")]
-    return cases
-
-
-BACKENDS = pytest.mark.parametrize("device,backend", backend_cases())
+BACKENDS = pytest.mark.parametrize("backend", FUSED)
 CL = pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
-
 
 
 def shifted_inputs(shape, mean, std, device, channels_last=False, dtype=torch.float32, param_dtype=None, seed=0):
@@ -57,7 +48,7 @@ def run_both(x, kw, backend, wanted=("x",) + DIFFERENTIABLE, **opts):
 @BACKENDS
 @CL
 @pytest.mark.parametrize("mean", [1e4, -1e4])
-def test_large_mean_float32(device, backend, channels_last, mean):
+def test_large_mean_float32(backend, device, channels_last, mean):
     """mean 1e4, std 1 in float32.  Bounds: every output element within 1e-5 relative of
     float64 (measured ~1e-7); grad_x within 2e-5 of max|grad_x| (measured ~2e-6: the
     float32 group mean, off by ~1 ulp of 1e4, enters the (x - mean) term of the
@@ -72,7 +63,7 @@ def test_large_mean_float32(device, backend, channels_last, mean):
 
 @BACKENDS
 @CL
-def test_large_mean_mixer_term_keeps_its_precision(device, backend, channels_last):
+def test_large_mean_mixer_term_keeps_its_precision(backend, device, channels_last):
     """With res_scale = 0 the output is the mixer term alone (size ~1 on top of a mean of
     1e4): the kernels pool x - mean, so it keeps float32 precision: within 1e-5 of its max
     (measured ~2e-7).  For comparison, the unfused graph in float32 is off by 3e-5 of the
@@ -85,9 +76,25 @@ def test_large_mean_mixer_term_keeps_its_precision(device, backend, channels_las
 
 
 @BACKENDS
+def test_large_mean_float32_one_group(backend, device):
+    """mean 1e4, std 1 in float32 with one group over 16 channels: the output within 1e-5
+    (in norm) of float64, and the mixer term alone (y - res_scale * x, the part that cancels
+    catastrophically if done naively) within 2e-3."""
+    g = torch.Generator().manual_seed(11)
+    x = 1e4 + torch.randn(2, 16, 14, 14, generator=g, dtype=torch.float64)
+    _, kw = make_inputs(x.shape, torch.float32, device=device)
+    y = call(with_backend(backend), x.float().to(device), kw).double().cpu()
+    ref = reference64(x, kw)
+    res = kw["res_scale"].double().cpu().view(1, -1, 1, 1)
+    mix, mix_ref = y - x * res, ref - x * res
+    assert ((y - ref).norm() / ref.norm()).item() < 1e-5
+    assert ((mix - mix_ref).norm() / mix_ref.norm()).item() < 2e-3
+
+
+@BACKENDS
 @CL
 @pytest.mark.parametrize("eps", [1e-5, 1e-12])
-def test_tiny_spread_float32(device, backend, channels_last, eps):
+def test_tiny_spread_float32(backend, device, channels_last, eps):
     """mean 1, std 1e-4 in float32; eps 1e-5 dominates the variance (rstd ~ 316), eps
     1e-12 does not (rstd ~ 1e4).  Bounds: the mixer term (res_scale = 0) within 2e-5 of
     its max (measured <= 1e-6); every gradient within 1e-4 of its max (measured <= 2e-5
@@ -107,7 +114,7 @@ def test_tiny_spread_float32(device, backend, channels_last, eps):
 @BACKENDS
 @CL
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_constant_group_has_rstd_of_eps_and_no_nan(device, backend, channels_last, dtype):
+def test_constant_group_has_rstd_of_eps_and_no_nan(backend, device, channels_last, dtype):
     """Group 0 of every sample is one constant (variance 0): rstd = 1/sqrt(eps) (to the
     stats dtype's rounding), its outputs are res_scale * x (the pool of a constant is that
     constant), nothing is NaN, and forward and backward match the reference."""
@@ -131,7 +138,7 @@ def test_constant_group_has_rstd_of_eps_and_no_nan(device, backend, channels_las
 
 
 @BACKENDS
-def test_constant_planes_with_different_levels(device, backend):
+def test_constant_planes_with_different_levels(backend, device):
     """Every (n, c) plane constant but the levels differ: variance > 0 yet P x - x = 0,
     so y = res_scale * x exactly up to rounding, and the gradients match the reference."""
     g = torch.Generator().manual_seed(5)
@@ -146,7 +153,7 @@ def test_constant_planes_with_different_levels(device, backend):
 
 @BACKENDS
 @pytest.mark.parametrize("pool_size", [1, 3])
-def test_single_element_groups(device, backend, pool_size):
+def test_single_element_groups(backend, device, pool_size):
     """N = C/G = H = W = 1: F.group_norm (the reference) refuses this shape; the fused op
     gives the limit it has for every other constant group: y = res_scale * x, grad_x =
     res_scale * grad_y, rstd = 1/sqrt(eps)."""
@@ -191,7 +198,7 @@ def compare_nonfinite(x, kw, grad_y, backend, pattern):
         assert pattern(actual, expected), name
         finite = expected.isfinite()
         assert_close_to(actual.cpu()[finite], expected[finite], torch.float32)
-    # The bias cancels out of y (DESIGN.md section 2): its gradient is zero by construction,
+    # The bias cancels out of y (docs/math.md): its gradient is zero by construction,
     # whatever grad_y holds (the unfused graph gets 0 * Inf = NaN where grad_y is not finite).
     assert torch.count_nonzero(grads["bias"]) == 0
     # Sample 1 and group 1 of sample 0 never see the bad values.
@@ -202,7 +209,7 @@ def compare_nonfinite(x, kw, grad_y, backend, pattern):
 @BACKENDS
 @CL
 @NONFINITE
-def test_nonfinite_x_propagates_exactly_like_the_reference(device, backend, channels_last, values):
+def test_nonfinite_x_propagates_exactly_like_the_reference(backend, device, channels_last, values):
     """NaN/Inf in x: the NaN, +Inf and -Inf masks of y and of every gradient equal the
     float64 reference's (the statistics make the whole group NaN), finite entries agree."""
     x, kw = make_inputs((2, 4, 6, 5), channels_last=channels_last, seed=8, device=device)
@@ -212,7 +219,7 @@ def test_nonfinite_x_propagates_exactly_like_the_reference(device, backend, chan
 @BACKENDS
 @CL
 @NONFINITE
-def test_nonfinite_grad_y_gives_the_reference_nonfinite_set(device, backend, channels_last, values):
+def test_nonfinite_grad_y_gives_the_reference_nonfinite_set(backend, device, channels_last, values):
     """NaN/Inf in grad_y: the set of non-finite gradient entries equals the reference's
     and finite entries agree.  With an Inf in grad_y the kind may differ: the unfused
     GroupNorm backward subtracts infinite sums (Inf - Inf = NaN over the whole group),
@@ -228,7 +235,7 @@ def test_nonfinite_grad_y_gives_the_reference_nonfinite_set(device, backend, cha
 
 @BACKENDS
 @CL
-def test_float16_sums_beyond_half_range(device, backend, channels_last):
+def test_float16_sums_beyond_half_range(backend, device, channels_last):
     """float16 x ~ 3e4 +- 1e3 on 4 x 64 x 64 planes: group sums ~5e8 and squared
     deviations far beyond float16's 65504.  The kernels accumulate in float32, so the
     output is finite and, with res_scale = 0 (the mixer term alone, size ~1), within the
@@ -246,7 +253,7 @@ def test_float16_sums_beyond_half_range(device, backend, channels_last):
 
 @BACKENDS
 @CL
-def test_bfloat16_sums_beyond_half_range(device, backend, channels_last):
+def test_bfloat16_sums_beyond_half_range(backend, device, channels_last):
     """bfloat16 x ~ 2e4 +- 5e2 on 4 x 64 x 64 planes (sums ~3e8, past float16's range;
     bfloat16 keeps 8 bits, so its own sums of 16 K values would be off by whole ulps of
     the sum).  Output finite and within the bfloat16 tolerance (2e-2 of max) of float64."""

@@ -11,13 +11,13 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from conftest import OPTION_NAMES, assert_close_to, make_inputs, requires_cuda
 from fused_poolformer import contract, ops
-from hardening_utils import DIFFERENTIABLE, forward_backward, fused_backends, random_like, reference_forward_backward
+from helpers import (DIFFERENTIABLE, FUSED, OPTION_NAMES, assert_close_to, device_of, forward_backward, make_inputs,
+                     random_like, reference_forward_backward)
 
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # How x is laid out in memory.  The kernels read NCHW or channels_last; anything dense in
-# neither is copied once to NCHW (csrc/pool_mixer_host.h) -- these cases check the result.
+# neither is copied once to NCHW (csrc/host.cpp) -- these cases check the result.
 LAYOUTS = ("contiguous", "channels_last", "sliced", "channels_last_sliced", "permuted_hw", "permuted_nc", "expanded")
 GRAD_LAYOUTS = ("contiguous", "channels_last", "expanded")
 SIDES = (1, 2, 3, 4, 5, 7, 8, 11, 13)  # 1, primes, below/above every window size
@@ -61,7 +61,7 @@ def arrange_grad(grad_y, layout):
 
 
 @st.composite
-def cases(draw, backends):
+def cases(draw):
     groups = draw(st.integers(1, 3))
     shape = (draw(st.integers(1, 3)), groups * draw(st.integers(1, 4)), draw(st.sampled_from(SIDES)),
              draw(st.sampled_from(SIDES)))
@@ -69,7 +69,6 @@ def cases(draw, backends):
     assume(shape[0] * shape[1] // groups * shape[2] * shape[3] > 1)
     dtype = draw(st.sampled_from(DTYPES))
     return dict(
-        backend=draw(st.sampled_from(backends)),
         shape=shape,
         dtype=dtype,
         num_groups=groups,
@@ -86,7 +85,7 @@ def cases(draw, backends):
     )
 
 
-def check_case(case, device):
+def check_case(case, backend, device):
     x, kw = make_inputs(case["shape"], case["dtype"], options=case["options"], seed=case["seed"],
                         device=device, param_dtype=case["param_dtype"])
     x = arrange(x, case["layout"], case["seed"] + 1)
@@ -96,7 +95,7 @@ def check_case(case, device):
     grad_y = arrange_grad(random_like(x, case["seed"] + 2), case["grad_layout"])
     opts = dict(num_groups=case["num_groups"], pool_size=case["pool_size"], eps=case["eps"])
 
-    y, grads = forward_backward(ops.pool_mixer, x, kw, grad_y, case["wanted"], backend=case["backend"], **opts)
+    y, grads = forward_backward(ops.pool_mixer, x, kw, grad_y, case["wanted"], backend=backend, **opts)
     y_ref, grads_ref = reference_forward_backward(x, kw, grad_y, case["wanted"], **opts)
 
     assert torch.equal(x, x_before), "the input was modified"
@@ -112,25 +111,14 @@ def check_case(case, device):
         assert torch.count_nonzero(grads["bias"]) == 0
 
 
-@pytest.mark.skipif(not fused_backends("cpu"), reason="no fused CPU backend was built")
+@pytest.mark.parametrize("backend", FUSED)
 @PROPERTY_SETTINGS
-@given(case=cases(fused_backends("cpu") or ["reference"]))
-def test_cpu_forward_backward_match_float64_reference(case):
-    check_case(case, "cpu")
+@given(case=cases())
+def test_forward_backward_match_float64_reference(backend, case):
+    check_case(case, backend, device_of(backend))
 
 
-@requires_cuda
-@PROPERTY_SETTINGS
-@given(case=cases(fused_backends("cuda") or ["reference"]))
-def test_cuda_forward_backward_match_float64_reference(case):
-    check_case(case, "cuda")
-
-
-def forward_ops(device):
-    return [(b, ops.forward_operator(b)) for b in fused_backends(device)]
-
-
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+@pytest.mark.parametrize("backend", FUSED)
 @settings(max_examples=200, deadline=None, derandomize=True, database=None)
 @given(
     shape=st.tuples(st.integers(1, 3), st.integers(1, 3), st.sampled_from(SIDES), st.sampled_from(SIDES)),
@@ -140,8 +128,9 @@ def forward_ops(device):
     shift=st.sampled_from((0.0, 50.0, -3e3)),
     seed=st.integers(0, 2**16),
 )
-def test_statistics_are_the_float64_group_mean_and_rstd(device, shape, groups_per_channel, dtype, layout, shift, seed):
+def test_statistics_are_the_float64_group_mean_and_rstd(backend, shape, groups_per_channel, dtype, layout, shift, seed):
     """The (N, G) mean and rstd the forward saves for the backward."""
+    device = device_of(backend)  # not the fixture: hypothesis reruns the body, not fixtures
     n, groups, h, w = shape
     c = groups * groups_per_channel
     x, _ = make_inputs((n, c, h, w), dtype, options=(), seed=seed, device=device)
@@ -151,23 +140,10 @@ def test_statistics_are_the_float64_group_mean_and_rstd(device, shape, groups_pe
     rstd = (var + 1e-5).rsqrt()
     stats_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     rtol = 1e-10 if dtype == torch.float64 else 2e-5  # float32 accumulation (Chan merge)
-    for backend, op in forward_ops(device):
-        _, got_mean, got_rstd = op(x, None, None, None, None, None, groups, 3, 1e-5)
-        assert got_mean.shape == (n, groups) and got_mean.dtype == stats_dtype, backend
-        assert got_rstd.shape == (n, groups) and got_rstd.dtype == stats_dtype, backend
-        # The mean's error is relative to its magnitude plus the group's spread.
-        mean_err = (got_mean.cpu().double() - mean).abs() - rtol * (mean.abs() + var.sqrt())
-        assert mean_err.max().item() <= 0, backend
-        torch.testing.assert_close(got_rstd.cpu().double(), rstd, rtol=rtol, atol=0, msg=backend)
-
-
-@pytest.mark.parametrize("backend", fused_backends("cpu"))
-def test_empty_batch_returns_empty_result_and_gradients(backend):
-    x, kw = make_inputs((0, 4, 5, 5))
-    kw["sample_scale"] = torch.empty(0)
-    y, grads = forward_backward(ops.pool_mixer, x, kw, torch.empty(0, 4, 5, 5), backend=backend, num_groups=2)
-    assert y.shape == (0, 4, 5, 5)
-    assert grads["x"].shape == (0, 4, 5, 5)
-    for name in DIFFERENTIABLE:
-        assert torch.count_nonzero(grads[name]) == 0, name  # no samples: every sum is empty
-
+    _, got_mean, got_rstd = ops.forward_operator(backend)(x, None, None, None, None, None, groups, 3, 1e-5)
+    assert got_mean.shape == (n, groups) and got_mean.dtype == stats_dtype
+    assert got_rstd.shape == (n, groups) and got_rstd.dtype == stats_dtype
+    # The mean's error is relative to its magnitude plus the group's spread.
+    mean_err = (got_mean.cpu().double() - mean).abs() - rtol * (mean.abs() + var.sqrt())
+    assert mean_err.max().item() <= 0
+    torch.testing.assert_close(got_rstd.cpu().double(), rstd, rtol=rtol, atol=0)

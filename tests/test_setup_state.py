@@ -167,6 +167,6 @@ def test_second_setup_run_skips_the_build():
 
 
 def test_installed_means_imported_from_this_checkout(checkout):
-    """The tests import this checkout's package (conftest.py puts it first on sys.path)."""
+    """The tests import this checkout's package (tests/helpers.py puts it first on sys.path)."""
     assert setup_state.installed_from(ROOT)
     assert not setup_state.installed_from(checkout)

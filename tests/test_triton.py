@@ -3,12 +3,20 @@
 Without CUDA the kernels run on CPU tensors through Triton's interpreter: TRITON_INTERPRET=1
 is set here, before the kernels are imported (triton.jit reads it when a kernel is
 defined).  The interpreter handles float32 and float64 only and cannot trace a triton_op
-into fake tensors, so the half-precision, opcheck and torch.compile tests need CUDA.
+into fake tensors, so the half-precision, opcheck and torch.compile tests need CUDA.  The
+machine code (registers, spills, vector accesses) is checked without a GPU by
+tests/test_triton_aot.py.
+
+The interpreter pays per operation, so it runs large tiles; the tests that need several
+tiles per plane (halo rows and columns from neighbouring tiles, channel blocks, several
+partial sums per group) swap in small ones.
 """
 
 import os
+from contextlib import contextmanager
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
@@ -114,8 +122,85 @@ def test_forward_and_gradients_match_reference(shape, dtype, channels_last, num_
     check_against_reference(shape, dtype, channels_last, num_groups, pool_size, options)
 
 
-def test_gradcheck_float64():
-    x, kw = make_inputs((1, 4, 3, 4), torch.float64, device=DEVICE)
+# Every pool size of the paper's ablation (and 1), both layouts; the planes are just large
+# enough for the whole window (k = 9 needs 9 x 9), and odd where possible.
+POOL_CASES = [
+    (1, (2, 4, 3, 5)), (3, (1, 4, 5, 7)), (5, (1, 4, 6, 5)), (7, (1, 2, 7, 9)), (9, (1, 2, 9, 10)),
+]
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("pool_size,shape", POOL_CASES, ids=[f"k{k}" for k, _ in POOL_CASES])
+def test_every_pool_size(pool_size, shape, channels_last):
+    check_against_reference(shape, torch.float64, channels_last, 2 if shape[1] % 2 == 0 else 1, pool_size, ALL,
+                            seed=pool_size)
+
+
+# ---------------------------------------------------------------------------------------
+# Small tiles: the plane is cut into several tiles in every direction.
+
+
+def tile_config(kwargs):
+    import triton
+
+    return triton.Config(kwargs)
+
+
+@contextmanager
+def small_tiles(monkeypatch, channels_last):
+    """Tiles of a few rows, columns and channels for the apply/dx kernels (as autotuning
+    configurations), the sums pass and the NCHW column blocks."""
+    from fused_poolformer.triton import backward, common, forward
+
+    if channels_last:
+        config = {"TILE_P": 2, "TILE_C": 2, "TILE_W": 2, "TILE_H": 3}
+        monkeypatch.setattr(backward, "_SUMS_CL_TILES", [(2, 2, 1, 4, 4)])
+    else:
+        config = {"TILE_P": 2}
+        monkeypatch.setattr(backward, "_SUMS_NCHW_TILES", [(4, 4)])
+        monkeypatch.setattr(common, "MAX_NCHW_BLOCK_W", 4)
+    monkeypatch.setattr(common, "MAX_BAND_ROWS", 3)
+    for kernel in (forward._APPLY[channels_last], backward._DX[channels_last]):
+        monkeypatch.setattr(kernel, "configs", [tile_config(config)])
+    yield
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_several_tiles_per_plane(monkeypatch, channels_last):
+    """Halo rows and columns come from the neighbouring tiles, a group spans several
+    channel blocks, and the statistics and sums have several partials per group."""
+    with small_tiles(monkeypatch, channels_last):
+        check_against_reference((1, 4, 7, 9), torch.float64, channels_last, 1, 5, ALL, seed=5)
+
+
+def forward_backward_outputs(x, kw, num_groups, pool_size, mask=(True,) * 5):
+    """Every output of the two operators, for a fixed grad_y."""
+    args = (x, kw["weight"], kw["bias"], kw["layer_scale"], kw["res_scale"], kw["sample_scale"])
+    y, mean, rstd = forward_op()(*args, num_groups, pool_size, 1e-5)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3), dtype=y.dtype).to(y.device)
+    grads = backward_op()(dy, x, mean, rstd, *args[1:], num_groups, pool_size, 1e-5, list(mask))
+    return (y, mean, rstd, *grads)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_autotuned_tiles_do_not_change_bits(monkeypatch, channels_last):
+    """The apply and dx tiles are autotuned: every output must be bitwise the same whatever
+    tile runs (the statistics and sums tiles, fixed by the shape, are left alone)."""
+    from fused_poolformer.triton import backward, forward
+
+    x, kw = make_inputs((1, 4, 5, 6), torch.float64, channels_last, seed=4, device=DEVICE)
+    default = forward_backward_outputs(x, kw, 2, 3)
+    small = {"TILE_P": 2, "TILE_C": 2, "TILE_W": 2, "TILE_H": 2} if channels_last else {"TILE_P": 2}
+    for kernel in (forward._APPLY[channels_last], backward._DX[channels_last]):
+        monkeypatch.setattr(kernel, "configs", [tile_config(small)])
+    for name, a, b in zip(("y", "mean", "rstd", "dx", "dweight", "dbias", "dlayer_scale", "dres_scale"),
+                          default, forward_backward_outputs(x, kw, 2, 3)):
+        assert torch.equal(a, b), f"{name} depends on the tile"
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_gradcheck_float64(channels_last):
+    x, kw = make_inputs((1, 4, 3, 5), torch.float64, channels_last, device=DEVICE)
     leaves = [x] + [kw[k] for k in GRAD_NAMES]
     for t in leaves:
         t.requires_grad_(True)
@@ -127,22 +212,60 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(f, leaves, eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=DEVICE == "cpu")
 
 
-def test_output_mask_returns_empty_gradients():
+GRAD_OUTPUTS = ("grad_x", "grad_weight", "grad_bias", "grad_layer_scale", "grad_res_scale")
+
+
+@pytest.mark.parametrize("mask", [(False, True, True, False, True), (True, False, False, False, False),
+                                  (False, False, False, True, False), (False,) * 5],
+                         ids=["params-no-dx", "dx-only", "one-param", "nothing"])
+def test_output_mask_returns_empty_gradients(mask):
     x, kw = make_inputs((2, 4, 3, 5), torch.float64, channels_last=True, device=DEVICE)
-    args = (x, kw["weight"], kw["bias"], kw["layer_scale"], kw["res_scale"], kw["sample_scale"], 2, 3, 1e-5)
-    y, mean, rstd = forward_op()(*args)
-    dy = torch.randn_like(y)
-    common = (dy, x, mean, rstd, kw["weight"], kw["bias"], kw["layer_scale"], kw["res_scale"], kw["sample_scale"],
-              2, 3, 1e-5)
-    full = backward_op()(*common, [True, True, True, True, True])
-    part = backward_op()(*common, [False, True, True, False, True])
+    full = forward_backward_outputs(x, kw, 2, 3)[3:]
+    part = forward_backward_outputs(x, kw, 2, 3, mask)[3:]
     assert full[0].is_contiguous(memory_format=torch.channels_last), "dx must keep x's memory format"
     assert torch.equal(full[2], torch.zeros_like(full[2])), "the bias gradient must be exact zeros"
-    for i, name in enumerate(("grad_x", "grad_weight", "grad_bias", "grad_layer_scale", "grad_res_scale")):
-        if i in (0, 3):
-            assert part[i].shape == (0,), f"{name} was masked out but has shape {tuple(part[i].shape)}"
+    for name, wanted, got, want in zip(GRAD_OUTPUTS, mask, part, full):
+        if wanted:
+            assert torch.equal(got, want), f"{name} depends on the mask"
         else:
-            assert torch.equal(part[i], full[i]), f"{name} depends on the mask"
+            assert got.shape == (0,), f"{name} was masked out but has shape {tuple(got.shape)}"
+
+
+class _AtenCalls(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+# What the host code may do around the launches: allocate and take views.
+ALLOCATIONS_AND_VIEWS = {"empty", "empty_like", "new_empty", "empty_strided", "slice", "view", "alias", "detach",
+                         "as_strided", "contiguous", "clone"}
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_two_launches_and_no_tensor_arithmetic(monkeypatch, channels_last):
+    """Each direction is two kernel launches with only allocations around them."""
+    import fused_poolformer.triton as backend
+
+    launched = []
+    monkeypatch.setattr(backend, "_launch", lambda launches: launched.append(len(launches)))
+    x, kw = make_inputs((2, 4, 5, 6), torch.float32, channels_last, device=DEVICE)
+    args = (kw["weight"], kw["bias"], kw["layer_scale"], kw["res_scale"], kw["sample_scale"], 2, 3, 1e-5)
+    # The operators' Python bodies, called directly: a dispatch mode does not see inside a
+    # custom operator that the dispatcher runs.
+    with _AtenCalls() as forward_calls:
+        y, mean, rstd = backend.forward_op._init_fn(x, *args)
+    dy = torch.ones_like(y)
+    with _AtenCalls() as backward_calls:
+        backend.backward_op._init_fn(dy, x, mean, rstd, *args, [True] * 5)
+    assert launched == [2, 2], f"launches per direction: {launched}"
+    for direction, calls in (("forward", forward_calls.calls), ("backward", backward_calls.calls)):
+        others = set(calls) - ALLOCATIONS_AND_VIEWS
+        assert not others, f"the {direction} host path runs tensor operations {sorted(others)}"
 
 
 def test_large_mean_float32():
@@ -168,6 +291,34 @@ def test_non_dense_input_and_repeatability():
     assert torch.equal(y1, y2), "forward is not bitwise repeatable"
     for name in g1:
         assert torch.equal(g1[name], g2[name]), f"grad of {name} is not bitwise repeatable"
+
+
+def test_channels_last_repeatability():
+    x, kw = make_inputs((2, 6, 5, 7), torch.float32, channels_last=True, device=DEVICE)
+    first = forward_backward_outputs(x, kw, 3, 5)
+    for name, a, b in zip(("y", "mean", "rstd") + GRAD_OUTPUTS, first, forward_backward_outputs(x, kw, 3, 5)):
+        assert torch.equal(a, b), f"{name} is not bitwise repeatable"
+
+
+def test_tiles_of_poolformer_stages_hold_whole_vectors():
+    """For the PoolFormer stage planes whose contiguous axis is a whole number of 16-byte
+    vectors, the autotuner only tries tiles that give every thread whole vectors within the
+    register budget (the ahead-of-time test checks what ptxas makes of them)."""
+    from fused_poolformer.triton import common
+
+    for C, H in ((64, 56), (128, 28), (320, 14), (512, 7)):
+        for dtype in (torch.float32, torch.bfloat16):
+            for channels_last in (False, True):
+                size = torch.empty((), dtype=dtype).element_size()
+                geo = common.Geometry((64, C, H, H), size, channels_last, 1, 3)
+                if geo.vec * size < common.VECTOR_BYTES:
+                    continue  # NCHW 14x14 and 7x7: no row starts on a 16-byte boundary
+                configs = common.CHANNELS_LAST_CONFIGS if channels_last else common.NCHW_CONFIGS
+                args = geo.shape_args()
+                kept = common.fitting_tiles(configs, args, geo.registers_per_value)
+                for cfg in kept:
+                    per_thread, in_flight = common.tile_cost({**args, **cfg.kwargs}, cfg.num_warps)
+                    assert per_thread >= geo.vec and in_flight <= common.VALUES_IN_FLIGHT, (C, H, dtype, cfg)
 
 
 def test_empty_batch():

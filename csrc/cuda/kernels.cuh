@@ -1,552 +1,894 @@
-// CUDA kernels of the fused pool mixer (docs/math.md), shared by forward.cu and
-// backward.cu.  They follow the CPU kernels (csrc/cpu) step by step:
+// CUDA kernels of the fused pool mixer (DESIGN.md section 2), written against simt.h so
+// that the same source runs on a GPU and, for the tests, in the CPU emulator.
 //
-//   forward   group_stats_kernel   per-block (count, mean, M2) partials of every (n, g)
-//             finalize_stats_kernel  merges them in block order -> mean, rstd
-//             tile_kernel<kApply>   y = res * x + coef * (P(x - mean) - (x - mean))
-//   backward  tile_kernel<kSums>    per-(n, c, tile) sums of D * dy and x * dy
-//             fold_kernel           S[n, g], and the parameter gradients from T[c], dres[c]
-//             tile_kernel<kDx>      dx = res * dy + coef * (P^T dy - dy) - corr * (x - mean)
+//   forward   stats_kernel            per-chunk (count, mean, M2) partials of every (n, g)
+//             tile_kernel<kApply>     prologue: merges its groups' partials (fixed order) into
+//                                     mean/rstd; y = res * x + a * rstd * (P x - x)
+//   backward  tile_kernel<kSums>      per-(n, c, tile) sums of D * dy and x * dy
+//             fold_kernel             S[n, g] and the parameter gradients (fixed order)
+//             tile_kernel<kDx>        dx = res * dy + a r (P^T dy - dy) - r^3 S / M (x - mean)
 //
-// Every per-channel factor (coef = a * rstd, res_scale, corr) is formed in the kernels
-// from the raw parameter pointers (MixerParams); the host launches and allocates only.
+// A tile block (plan.h) runs four phases separated by barriers:
+//   1. copy its input box with halo from global memory into shared memory X: 16-byte
+//      vector loads in batches of four per thread (64 bytes per thread in flight), scalar
+//      loads only at unaligned ends; plus the output-sized box B (backward) and the tables
+//      (1/count of each staged row and column, per-channel factors);
+//   2. vertical window sums of X into V, four floats (two doubles) per thread and step,
+//      every thread busy: a work item is a (row, 16-byte segment) pair;
+//   3. horizontal window sums of V and the per-element epilogue, again by segments; the
+//      centre value comes from shared memory, the result is written back in place;
+//   4. copy the result to global memory with 16-byte stores (or, for kSums, reduce the
+//      products per channel).
+// Pool size 3 has its own unrolled instantiation (kR1); other sizes loop over the taps.
+// The layout (NCHW or channels_last) is a uniform runtime branch, not a template argument:
+// half as many kernels to compile, the same code where the layouts agree.
+// Offsets inside a sample are 32-bit over a 64-bit sample base; no per-element division
+// (work items are decoded with multiply-shift dividers built on the host).
 //
-// The tile kernel: a block owns a (TC channels) x (TH rows) x (TW columns) tile of one
-// sample's output.  It stages the tile plus a halo of (rh, rw) = clipped k//2 in shared
-// memory (zeros outside the plane, so clipped windows sum only valid taps), replaces each
-// column by its vertical box sum in place, then every output takes the horizontal box sum
-// of its row.  Shared memory is ordered like global memory -- NCHW [c][row][col],
-// channels_last [row][col][c] -- so consecutive threads touch consecutive addresses in
-// both (threads run along W for NCHW and along C for channels_last).
-//
-// Determinism: every reduction has a fixed shape (block partials written to fixed slots,
-// fixed-order merges); there are no float atomics.
+// Determinism: every reduction has a fixed shape (partials written to fixed slots and
+// merged in a fixed order); there are no float atomics.
 #pragma once
 
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/cuda/detail/IntegerDivider.cuh>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <cuda_runtime.h>
-
-#include <algorithm>
-#include <cmath>
-#include <limits>
-#include <mutex>
-#include <unordered_map>
-
 #include "../pool_mixer.h"
-#include "../host.h"
+#include "plan.h"
+#include "simt.h"
 
 namespace fused_poolformer {
 namespace cuda_kernels {
 
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
-using Divider = at::cuda::detail::IntDivider<unsigned int>;
+using simt::Pack;
+using simt::SharedArray;
 
-// ---------------------------------------------------------------------------------------
-// Device properties, read once per device.
-
-struct DeviceInfo {
-  int multiprocessors = 0;
-  int max_shared_per_block_optin = 0;
-};
-
-inline DeviceInfo device_info(int device) {
-  static std::mutex mutex;
-  static std::unordered_map<int, DeviceInfo> cache;
-  std::lock_guard<std::mutex> lock(mutex);
-  auto it = cache.find(device);
-  if (it != cache.end()) return it->second;
-  DeviceInfo info;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.multiprocessors, cudaDevAttrMultiProcessorCount, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.max_shared_per_block_optin,
-                                        cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  cache.emplace(device, info);
-  return info;
-}
-
-// ---------------------------------------------------------------------------------------
-// Small device helpers.
+FPM_HD int imin(int a, int b) { return a < b ? a : b; }
+FPM_HD int imax(int a, int b) { return a > b ? a : b; }
 
 template <typename acc_t, typename scalar_t>
-__device__ __forceinline__ acc_t to_acc(scalar_t v) {
+FPM_DEVICE acc_t to_acc(scalar_t v) {
   return static_cast<acc_t>(v);
 }
 
-// Sum over the block in a fixed tree (deterministic); every thread gets the result.
-// `scratch` holds kWarps values; the call ends with a barrier so it can be reused.
-template <typename acc_t>
-__device__ __forceinline__ acc_t block_sum(acc_t v, acc_t* scratch) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+// Elements moved per global vector access and per shared-memory vector access.
+template <typename T>
+constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+
+// ---------------------------------------------------------------------------------------
+// Copies between global memory and shared memory (see RunGrid in plan.h).
+
+// One block's instance of a RunGrid.
+struct RunBlock {
+  int glob0 = 0;                  // sample offset of run (0, 0)'s element 0 (may be negative)
+  int smem0 = 0;                  // its shared-memory offset
+  int alo = 0, ahi = 1, blo = 0, bhi = 1;  // runs inside the sample
+  int jlo = 0, jhi = 0;           // elements of a run inside the sample
+  int head = 0;                   // elements of slot 0 before element 0
+};
+
+FPM_DEVICE RunBlock bind_box(const RunGrid& g, const Dims& d, int O0, int M0, int I0) {
+  const int ao = O0 + g.bo, am = M0 + g.bm, ai = I0 + g.bi;
+  RunBlock b;
+  b.glob0 = ao * d.stride_o() + am * d.DI + ai;
+  b.smem0 = g.smem.offset(g.bo, g.bm, g.bi);
+  const int olo = imax(0, -ao), ohi = imin(g.eo, d.DO - ao);
+  const int mlo = imax(0, -am), mhi = imin(g.em, d.DM - am);
+  const int ilo = imax(0, -ai), ihi = imin(g.ei, d.DI - ai);
+  if (g.kind == 0) {
+    b.jlo = olo * g.em * g.ei, b.jhi = ohi * g.em * g.ei;
+  } else if (g.kind == 1) {
+    b.alo = olo, b.ahi = ohi, b.jlo = mlo * g.ei, b.jhi = mhi * g.ei;
+  } else {
+    b.alo = olo, b.ahi = ohi, b.blo = mlo, b.bhi = mhi, b.jlo = ilo, b.jhi = ihi;
+  }
+  return b;
+}
+
+// Slot alignment: element 0 of every run sits `head` elements into a V-aligned slot.
+template <int V, typename T>
+FPM_DEVICE void align_slots(RunBlock& b, const T* sample) {
+  const uint64_t first = reinterpret_cast<uintptr_t>(sample) / sizeof(T) + static_cast<int64_t>(b.glob0);
+  b.head = static_cast<int>(first & (V - 1));
+}
+
+// A slot: elements j0 + e (lo <= e < hi) of one run.
+struct Slot {
+  int glob;      // sample offset of element j0
+  int j0;
+  int lo, hi;
+  int smem_run;  // shared-memory offset of the run's element 0
+};
+
+template <int V>
+FPM_DEVICE bool decode_slot(const RunGrid& g, const RunBlock& b, int sigma, Slot& s) {
+  int run, k, ra, rb;
+  g.div_slots.divmod(sigma, run, k);
+  g.div_rb.divmod(run, ra, rb);
+  s.j0 = k * V - b.head;
+  s.lo = imax(b.jlo - s.j0, 0);
+  s.hi = imin(b.jhi - s.j0, V);
+  s.glob = b.glob0 + ra * g.glob_a + rb * g.glob_b + s.j0;
+  s.smem_run = b.smem0 + ra * g.smem_a + rb * g.smem_b;
+  return ra >= b.alo && ra < b.ahi && rb >= b.blo && rb < b.bhi && s.lo < s.hi;
+}
+
+FPM_DEVICE bool full_slot(const Slot& s, int v) { return s.lo == 0 && s.hi == v; }
+
+// Shared-memory offset of element j0 + lo of the slot's run; next_smem steps to the next.
+FPM_DEVICE int first_smem(const RunGrid& g, const Slot& s, int& col) {
+  const int j = s.j0 + s.lo;
+  if (g.dense) {
+    col = 0;
+    return s.smem_run + j;
+  }
+  int row;
+  g.div_row.divmod(j, row, col);
+  return s.smem_run + row * g.row_stride + col;
+}
+
+FPM_DEVICE void next_smem(const RunGrid& g, int& idx, int& col) {
+  ++idx;
+  if (!g.dense && ++col == g.row_len) {
+    col = 0;
+    idx += g.row_stride - g.row_len;
+  }
+}
+
+// Visits the slots of the box this thread owns: full(slot, values) for every whole slot,
+// whose 16-byte loads are issued in batches of U before any is used (U loads per thread in
+// flight), and part(slot) for a slot cut by its run's ends, whose few elements the caller
+// moves one by one (a plain loop: it runs at most twice per run).
+template <int V, int U, typename T, typename Full, typename Part>
+FPM_DEVICE void for_each_slot(const T* sample, const RunGrid& g, const RunBlock& b, Full&& full, Part&& part) {
+  const int total = g.RA * g.RB * g.S;
+  for (int first = simt::thread_index(); first < total; first += U * simt::kThreads) {
+    Slot s[U];
+    bool ok[U], whole[U];
+    Pack<T, V> v[U];
 #pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  acc_t total = scratch[0];
+    for (int u = 0; u < U; ++u) {
+      const int sigma = first + u * simt::kThreads;
+      ok[u] = sigma < total && decode_slot<V>(g, b, sigma, s[u]);
+      whole[u] = ok[u] && full_slot(s[u], V);
+      if (whole[u]) v[u] = simt::load_global_vector<V>(sample + s[u].glob);
+    }
 #pragma unroll
-  for (int w = 1; w < kWarps; ++w) total += scratch[w];
-  __syncthreads();
-  return total;
+    for (int u = 0; u < U; ++u) {
+      if (whole[u]) {
+        full(s[u], v[u]);
+      } else if (ok[u]) {
+        part(s[u]);
+      }
+    }
+  }
+}
+
+template <int V, typename scalar_t, typename acc_t>
+FPM_DEVICE void stage_slots(const scalar_t* sample, const RunGrid& g, RunBlock b,
+                            const SharedArray<acc_t>& dst, acc_t shift) {
+  align_slots<V>(b, sample);
+  constexpr int CW = kVec<acc_t>;
+  auto full = [&](const Slot& s, const Pack<scalar_t, V>& v) {
+    const int at = s.smem_run + s.j0;
+    if constexpr (V % CW == 0) {
+      if (g.dense && at % CW == 0) {  // 16-byte shared stores: no bank conflicts
+#pragma unroll
+        for (int c = 0; c < V; c += CW) {
+          Pack<acc_t, CW> out;
+#pragma unroll
+          for (int e = 0; e < CW; ++e) out.v[e] = to_acc<acc_t>(v.v[c + e]) - shift;
+          dst.template store<CW>(at + c, out);
+        }
+        return;
+      }
+    }
+    if (g.dense) {
+#pragma unroll
+      for (int e = 0; e < V; ++e) dst[at + e] = to_acc<acc_t>(v.v[e]) - shift;
+      return;
+    }
+    int col, idx = first_smem(g, s, col);
+#pragma unroll
+    for (int e = 0; e < V; ++e) {
+      dst[idx] = to_acc<acc_t>(v.v[e]) - shift;
+      next_smem(g, idx, col);
+    }
+  };
+  auto part = [&](const Slot& s) {
+    int col, idx = first_smem(g, s, col);
+#pragma unroll 1
+    for (int e = s.lo; e < s.hi; ++e) {
+      dst[idx] = to_acc<acc_t>(simt::load_global(sample + s.glob + e)) - shift;
+      next_smem(g, idx, col);
+    }
+  };
+  for_each_slot<V, 4>(sample, g, b, full, part);
+}
+
+// Global box -> shared memory, converted to acc_t, minus `shift`.
+template <typename scalar_t, typename acc_t>
+FPM_DEVICE void stage_box(const scalar_t* sample, const RunGrid& g, const RunBlock& b,
+                          const SharedArray<acc_t>& dst, acc_t shift) {
+  if (g.vector) {
+    stage_slots<kVec<scalar_t>>(sample, g, b, dst, shift);
+  } else {
+    stage_slots<1>(sample, g, b, dst, shift);
+  }
+}
+
+template <int V, typename scalar_t, typename acc_t>
+FPM_DEVICE void store_slots(scalar_t* sample, const RunGrid& g, RunBlock b, const SharedArray<acc_t>& src) {
+  align_slots<V>(b, sample);
+  const int total = g.RA * g.RB * g.S;
+  for (int sigma = simt::thread_index(); sigma < total; sigma += simt::kThreads) {
+    Slot s;
+    if (!decode_slot<V>(g, b, sigma, s)) continue;
+    int col, idx = first_smem(g, s, col);
+    if (full_slot(s, V)) {
+      Pack<scalar_t, V> p;
+      constexpr int CW = kVec<acc_t>;
+      if (V % CW == 0 && g.dense && idx % CW == 0) {  // 16-byte shared loads: no bank conflicts
+#pragma unroll
+        for (int c = 0; c < V; c += CW) {
+          const Pack<acc_t, CW> in = src.template load<CW>(idx + c);
+#pragma unroll
+          for (int e = 0; e < CW && c + e < V; ++e) p.v[c + e] = static_cast<scalar_t>(in.v[e]);
+        }
+      } else {
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+          p.v[e] = static_cast<scalar_t>(src[idx]);
+          next_smem(g, idx, col);
+        }
+      }
+      simt::store_global_vector<V>(sample + s.glob, p);
+    } else {
+#pragma unroll 1
+      for (int e = s.lo; e < s.hi; ++e) {
+        simt::store_global(sample + s.glob + e, static_cast<scalar_t>(src[idx]));
+        next_smem(g, idx, col);
+      }
+    }
+  }
+}
+
+// Shared memory -> global box, converted to scalar_t.
+template <typename scalar_t, typename acc_t>
+FPM_DEVICE void store_box(scalar_t* sample, const RunGrid& g, const RunBlock& b,
+                          const SharedArray<acc_t>& src) {
+  if (g.vector) {
+    store_slots<kVec<scalar_t>>(sample, g, b, src);
+  } else {
+    store_slots<1>(sample, g, b, src);
+  }
 }
 
 // ---------------------------------------------------------------------------------------
-// Forward, pass 1: GroupNorm statistics.  Group (n, g) has M = (C/G)*H*W elements; its
-// e-th element (e in 0..M) is at offset group*M + e in NCHW (and in channels_last with
-// G = 1), else at n*HW*C + (e / Cg)*C + g*Cg + e % Cg.  A block takes a fixed chunk of
-// kThreads * kPerThread consecutive e, holds it in registers and computes its mean and
-// M2 in two passes over the registers (as the CPU kernel does per block).
+// Block reductions in a fixed tree (deterministic).
 
-struct StatsGeometry {
-  int64_t M;            // elements per group
-  int64_t chunk;        // elements per block
-  int64_t plane;        // H * W
-  int64_t C;
-  int64_t G, Cg;
-  int64_t blocks_per_group;
-  bool contiguous_groups;
-};
-
-template <typename scalar_t, typename acc_t, int kPerThread>
-__global__ void __launch_bounds__(kThreads)
-group_stats_kernel(const scalar_t* __restrict__ x, const StatsGeometry sg,
-                   WelfordData<acc_t>* __restrict__ partials) {
-  __shared__ acc_t scratch[kWarps];
-  const int64_t group = blockIdx.x / sg.blocks_per_group;
-  const int64_t block = blockIdx.x % sg.blocks_per_group;
-  const int64_t start = block * sg.chunk;
-  const int64_t count = sg.M - start < sg.chunk ? sg.M - start : sg.chunk;
-  const int64_t n = group / sg.G, g = group % sg.G;
-
-  acc_t v[kPerThread];
-  acc_t sum = 0;
+// Sums a and b over the block; the totals are valid in thread 0.  scratch: 2 * kWarps.
+template <typename acc_t>
+FPM_DEVICE void block_sum2(acc_t& a, acc_t& b, const SharedArray<acc_t>& scratch) {
 #pragma unroll
-  for (int i = 0; i < kPerThread; ++i) {
-    const int64_t local = int64_t(i) * kThreads + threadIdx.x;
-    v[i] = 0;
-    if (local < count) {
-      const int64_t e = start + local;
-      const int64_t offset = sg.contiguous_groups
-                                 ? group * sg.M + e
-                                 : (n * sg.plane + e / sg.Cg) * sg.C + g * sg.Cg + e % sg.Cg;
-      v[i] = to_acc<acc_t>(x[offset]);
-    }
-    sum += v[i];
+  for (int offset = simt::kWarpSize / 2; offset > 0; offset /= 2) {
+    a += simt::shfl_down(a, offset);
+    b += simt::shfl_down(b, offset);
   }
-  const acc_t mean = block_sum(sum, scratch) / static_cast<acc_t>(count);
-  acc_t m2 = 0;
-#pragma unroll
-  for (int i = 0; i < kPerThread; ++i) {
-    const int64_t local = int64_t(i) * kThreads + threadIdx.x;
-    const acc_t d = local < count ? v[i] - mean : acc_t(0);
-    m2 += d * d;
-  }
-  m2 = block_sum(m2, scratch);
-  if (threadIdx.x == 0) {
-    partials[blockIdx.x] = WelfordData<acc_t>{static_cast<acc_t>(count), mean, m2};
+  const int lane = simt::lane_index(), warp = simt::warp_index();
+  if (lane == 0) scratch[warp] = a, scratch[simt::kWarps + warp] = b;
+  simt::sync_block();
+  if (simt::thread_index() == 0) {
+    a = scratch[0], b = scratch[simt::kWarps];
+    for (int w = 1; w < simt::kWarps; ++w) a += scratch[w], b += scratch[simt::kWarps + w];
   }
 }
 
-// Merges each group's partials in block order (Chan) and writes mean and rstd.
 template <typename acc_t>
-__global__ void __launch_bounds__(kThreads)
-finalize_stats_kernel(const WelfordData<acc_t>* __restrict__ partials, int64_t groups,
-                      int64_t blocks_per_group, acc_t eps, acc_t* __restrict__ mean,
-                      acc_t* __restrict__ rstd) {
-  const int64_t group = int64_t(blockIdx.x) * kThreads + threadIdx.x;
-  if (group >= groups) return;
-  WelfordData<acc_t> w{0, 0, 0};
-  for (int64_t b = 0; b < blocks_per_group; ++b) {
-    w = welford_merge(w, partials[group * blocks_per_group + b]);
+FPM_DEVICE WelfordData<acc_t> shfl_down(WelfordData<acc_t> w, int offset) {
+  return WelfordData<acc_t>{simt::shfl_down(w.count, offset), simt::shfl_down(w.mean, offset),
+                            simt::shfl_down(w.m2, offset)};
+}
+
+// ---------------------------------------------------------------------------------------
+// Forward, pass 1: statistics.  A block reduces its chunk with sums of x - pivot (the
+// chunk's first element: the shift keeps the sums of squares well conditioned) and writes
+// one (count, mean, M2) partial.
+
+template <typename acc_t>
+inline size_t stats_smem_bytes() {
+  return 2 * simt::kWarps * sizeof(acc_t);
+}
+
+template <typename scalar_t, typename acc_t>
+FPM_KERNEL(4) stats_kernel(const scalar_t* __restrict__ x, const StatsPlan p,
+                        WelfordData<acc_t>* __restrict__ partials) {
+  constexpr int V = kVec<scalar_t>;
+  const unsigned block = simt::block_index();
+  const int64_t group = block / p.blocks_per_group;
+  const int b = static_cast<int>(block % p.blocks_per_group);
+  const int64_t n = group / p.G;
+  const int g = static_cast<int>(group % p.G);
+  const scalar_t* sample = x + n * p.sample_numel;
+  RunBlock rb;
+  int count;
+  if (p.strided) {
+    const int first = b * p.chunk;
+    rb.glob0 = first * p.runs.glob_a + g * p.Cg;
+    rb.ahi = imin(p.chunk, p.positions - first);
+    rb.jhi = p.Cg;
+    count = rb.ahi * p.Cg;
+  } else {
+    rb.glob0 = g * p.M + b * p.chunk;
+    rb.jhi = imin(p.chunk, p.M - b * p.chunk);
+    count = rb.jhi;
   }
-  mean[group] = w.mean;
-  rstd[group] = welford_rstd(w, eps);
+  const acc_t pivot = to_acc<acc_t>(simt::load_global(sample + rb.glob0));
+  acc_t sum = 0, squares = 0;
+  auto add = [&](scalar_t value) {
+    const acc_t d = to_acc<acc_t>(value) - pivot;
+    sum += d;
+    squares += d * d;
+  };
+  auto full = [&](const Slot&, const auto& v) {
+#pragma unroll
+    for (int e = 0; e < static_cast<int>(sizeof(v.v) / sizeof(v.v[0])); ++e) add(v.v[e]);
+  };
+  auto part = [&](const Slot& s) {
+#pragma unroll 1
+    for (int e = s.lo; e < s.hi; ++e) add(simt::load_global(sample + s.glob + e));
+  };
+  if (p.runs.vector) {
+    align_slots<V>(rb, sample);
+    for_each_slot<V, 4>(sample, p.runs, rb, full, part);
+  } else {
+    for_each_slot<1, 4>(sample, p.runs, rb, full, part);
+  }
+  simt::SharedCarver carver{simt::dynamic_shared_memory()};
+  const SharedArray<acc_t> scratch = carver.take<acc_t>(2 * simt::kWarps);
+  block_sum2(sum, squares, scratch);
+  if (simt::thread_index() == 0) {
+    const acc_t c = static_cast<acc_t>(count);
+    const acc_t m2 = squares - sum * sum / c;
+    simt::store_global(partials + block, WelfordData<acc_t>{c, pivot + sum / c, m2 > acc_t(0) ? m2 : acc_t(0)});
+  }
 }
 
 // ---------------------------------------------------------------------------------------
 // The tile kernel.
 
-enum TileMode : int { kApply = 0, kSums = 1, kDx = 2 };
-
-struct TileGeometry {
-  int64_t N, C, H, W;
-  int64_t G, Cg;
-  int rh, rw;                       // effective radii (pool_mixer.h effective_radius)
-  int TC, TH, TW;                   // output tile
-  int rows_in, cols_in;             // TH + 2 rh, TW + 2 rw
-  int tiles_c, tiles_h, tiles_w;
-  int tile_elems, outputs;          // TC * rows_in * cols_in, TC * TH * TW
-  int s_c, s_row, s_col;            // shared-memory strides of the staged tile
-  Divider tiles_w_div, tiles_h_div, tiles_c_div;
-  Divider in_inner, in_middle;      // staged index -> (c, row, col)
-  Divider column_div;               // vertical-pass column -> (c, col)
-  Divider out_inner, out_middle;    // output index -> (c, h, w)
-  int64_t blocks;
-  size_t smem_bytes;
-};
-
-// Pointers of the mixer; statistics are (N, G) in the accumulation type.
 template <typename scalar_t, typename acc_t>
 struct TileArgs {
-  const scalar_t* x;
-  const scalar_t* dy;
-  scalar_t* out;                    // y (kApply) or dx (kDx)
-  MixerParams params;               // weight, layer_scale, res_scale, sample_scale
-  const acc_t* mean_ng;
-  const acc_t* rstd_ng;
-  const acc_t* s_ng;                // S[n, g] (kDx)
-  acc_t inv_group_numel;            // 1 / M (kDx)
-  acc_t* partial_d;                 // (N, C, tiles_h * tiles_w) sums of D * dy (kSums)
-  acc_t* partial_x;                 // same shape, sums of x * dy (kSums)
+  const scalar_t* x = nullptr;
+  const scalar_t* dy = nullptr;
+  scalar_t* out = nullptr;                         // y (kApply) or dx (kDx)
+  MixerParams params;
+  const WelfordData<acc_t>* partials = nullptr;    // kApply: the statistics pass's partials
+  int blocks_per_group = 0;
+  acc_t eps = 0;
+  acc_t* mean_out = nullptr;                       // kApply: (N, G), written once per group
+  acc_t* rstd_out = nullptr;
+  const acc_t* mean = nullptr;                     // kDx: (N, G)
+  const acc_t* rstd = nullptr;
+  const acc_t* s_ng = nullptr;                     // kDx: S[n, g]
+  acc_t inv_group_numel = 0;                       // kDx: 1 / M
+  acc_t* partial_d = nullptr;                      // kSums: (N, C, slots) sums of D * dy
+  acc_t* partial_x = nullptr;                      //        and of x * dy
 };
 
-template <bool kCL>
-__device__ __forceinline__ int64_t element_offset(const TileGeometry& g, int64_t n, int64_t c,
-                                                  int64_t h, int64_t w) {
-  return kCL ? ((n * g.H + h) * g.W + w) * g.C + c : ((n * g.C + c) * g.H + h) * g.W + w;
+// The block's tile: origin, valid extents, and its (o, m, i) origin in the sample array.
+struct Tile {
+  int64_t n;
+  int tc_i, th_i, tw_i;
+  int c0, h0, w0;
+  int tc, th, tw;
+  int O0, M0, I0;
+};
+
+FPM_DEVICE Tile locate_tile(const TilePlan& p) {
+  Tile t;
+  int rest;
+  p.div_tiles_w.divmod(simt::block_index(), rest, t.tw_i);
+  p.div_tiles_h.divmod(rest, rest, t.th_i);
+  p.div_tiles_c.divmod(rest, rest, t.tc_i);
+  t.n = rest;
+  t.c0 = t.tc_i * p.TC, t.h0 = t.th_i * p.TH, t.w0 = t.tw_i * p.TW;
+  t.tc = imin(p.TC, p.C - t.c0), t.th = imin(p.TH, p.H - t.h0), t.tw = imin(p.TW, p.W - t.w0);
+  const bool cl = p.channels_last;
+  t.O0 = cl ? t.h0 : t.c0, t.M0 = cl ? t.w0 : t.h0, t.I0 = cl ? t.c0 : t.w0;
+  return t;
 }
 
-// Shared memory of the tile kernel, in acc_t units: the staged tile, the per-output
-// products of the sums mode, per-channel tables and the per-row/column 1/count tables.
-inline int64_t tile_smem_elems(int TC, int TH, int TW, int rh, int rw, int mode) {
-  const int64_t rows_in = TH + 2 * rh, cols_in = TW + 2 * rw;
-  int64_t elems = int64_t(TC) * rows_in * cols_in + 4 * TC + rows_in + cols_in;
-  if (mode == kSums) elems += 2 * int64_t(TC) * TH * TW + 2 * kThreads;
-  return elems;
+template <typename acc_t>
+struct TileSmem {
+  SharedArray<acc_t> X, V, B, P, red;
+  SharedArray<acc_t> inv_h, inv_w;            // 1/count of staged rows, of V's columns
+  SharedArray<acc_t> coef, res, mean, corr;   // per channel of the tile
+  SharedArray<acc_t> group_stats;             // kApply: (mean, rstd) per group of the tile
+};
+
+// The same arrays, sizes and order as layout_tiles (plan.h) counts.
+template <typename acc_t, int kMode>
+FPM_DEVICE TileSmem<acc_t> carve_tile_smem(const TilePlan& p) {
+  simt::SharedCarver c{simt::dynamic_shared_memory()};
+  TileSmem<acc_t> s;
+  s.X = c.take<acc_t>(p.x_size);
+  s.V = c.take<acc_t>(p.v_size);
+  s.inv_h = c.take<acc_t>(p.rows_table);
+  s.inv_w = c.take<acc_t>(p.cols_table);
+  if (kMode != kApply) s.B = c.take<acc_t>(p.b_size);
+  if (kMode == kSums) s.P = c.take<acc_t>(p.b_size), s.red = c.take<acc_t>(2 * simt::kThreads);
+  if (kMode != kSums) s.coef = c.take<acc_t>(p.TCp), s.res = c.take<acc_t>(p.TCp);
+  if (kMode == kDx) s.mean = c.take<acc_t>(p.TCp), s.corr = c.take<acc_t>(p.TCp);
+  if (kMode == kApply) s.group_stats = c.take<acc_t>(2 * p.TCp);
+  return s;
 }
 
-template <typename scalar_t, typename acc_t, bool kCL, int kMode>
-__global__ void __launch_bounds__(kThreads)
-tile_kernel(const TileGeometry g, const TileArgs<scalar_t, acc_t> args) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  acc_t* tile = reinterpret_cast<acc_t*>(smem_raw);
-  acc_t* t_shift = tile + g.tile_elems;  // mean of the channel's group
-  acc_t* t_coef = t_shift + g.TC;        // a * rstd
-  acc_t* t_res = t_coef + g.TC;          // res_scale
-  acc_t* t_corr = t_res + g.TC;          // rstd^3 / M * S (kDx)
-  acc_t* inv_rows = t_corr + g.TC;       // 1 / cnt_h of each staged row (0 outside)
-  acc_t* inv_cols = inv_rows + g.rows_in;
-  acc_t* prod_d = inv_cols + g.cols_in;  // kSums: per-output D * dy, x * dy
-  acc_t* prod_x = prod_d + g.outputs;
-  acc_t* red = prod_x + g.outputs;       // kSums: 2 * kThreads cross-warp partials
-
-  const int tid = threadIdx.x;
-  auto q = g.tiles_w_div.divmod(blockIdx.x);
-  const int tile_w = q.mod;
-  q = g.tiles_h_div.divmod(q.div);
-  const int tile_h = q.mod;
-  q = g.tiles_c_div.divmod(q.div);
-  const int tile_c = q.mod;
-  const int64_t n = q.div;
-  const int64_t c0 = int64_t(tile_c) * g.TC, h0 = int64_t(tile_h) * g.TH,
-                w0 = int64_t(tile_w) * g.TW;
-
-  // Prologue: per-channel factors and 1/count tables of this tile.
-  for (int i = tid; i < g.TC; i += kThreads) {
-    const int64_t c = c0 + i;
-    acc_t shift = 0, coef = 0, res = 0, corr = 0;
-    if (c < g.C) {
-      const int64_t ng = n * g.G + c / g.Cg;
-      const acc_t r = args.rstd_ng[ng];
-      shift = args.mean_ng[ng];
-      coef = args.params.template channel_factor<scalar_t, acc_t>(c) *
-             args.params.template sample_factor<scalar_t, acc_t>(n) * r;
-      res = args.params.template residual<scalar_t, acc_t>(c);
-      if (kMode == kDx) corr = r * r * r * args.s_ng[ng] * args.inv_group_numel;
-    }
-    t_shift[i] = shift, t_coef[i] = coef, t_res[i] = res, t_corr[i] = corr;
-  }
-  for (int i = tid; i < g.rows_in + g.cols_in; i += kThreads) {  // inv_cols follows inv_rows
-    const bool is_row = i < g.rows_in;
-    const int64_t pos = is_row ? h0 - g.rh + i : w0 - g.rw + (i - g.rows_in);
-    const int64_t len = is_row ? g.H : g.W;
-    const int radius = is_row ? g.rh : g.rw;
-    inv_rows[i] = pos >= 0 && pos < len ? acc_t(1) / acc_t(window_count(pos, radius, len)) : acc_t(0);
-  }
-  __syncthreads();
-
-  // Stage the tile and its halo: x - mean (kApply, kSums) or dy / cnt (kDx), zero outside.
-  for (int s = tid; s < g.tile_elems; s += kThreads) {
-    int c, row, col;
-    if (kCL) {
-      auto a = g.in_inner.divmod(s);       // TC
-      auto b = g.in_middle.divmod(a.div);  // cols_in
-      c = a.mod, col = b.mod, row = b.div;
+// 1/count of the pool window along each staged row and each column of V (0 outside the
+// plane).
+template <typename acc_t>
+FPM_DEVICE void fill_count_tables(const TilePlan& p, const Tile& t, const TileSmem<acc_t>& s) {
+  for (int k = simt::thread_index(); k < p.rows_table + p.cols_table; k += simt::kThreads) {
+    const bool row = k < p.rows_table;
+    const int pos = row ? t.h0 - p.hh + k : t.w0 - p.cols_origin + (k - p.rows_table);
+    const int len = row ? p.H : p.W, radius = row ? p.rh : p.rw;
+    const acc_t value = pos >= 0 && pos < len ? acc_t(1) / static_cast<acc_t>(window_count(pos, radius, len))
+                                              : acc_t(0);
+    if (row) {
+      s.inv_h[k] = value;
     } else {
-      auto a = g.in_inner.divmod(s);       // cols_in
-      auto b = g.in_middle.divmod(a.div);  // rows_in
-      col = a.mod, row = b.mod, c = b.div;
+      s.inv_w[k - p.rows_table] = value;
     }
-    const int64_t h = h0 - g.rh + row, w = w0 - g.rw + col, cc = c0 + c;
-    acc_t v = 0;
-    if (h >= 0 && h < g.H && w >= 0 && w < g.W && cc < g.C) {
-      const int64_t off = element_offset<kCL>(g, n, cc, h, w);
-      if (kMode == kDx) {
-        v = to_acc<acc_t>(args.dy[off]) * inv_rows[row] * inv_cols[col];
-      } else {
-        v = to_acc<acc_t>(args.x[off]) - t_shift[c];
+  }
+}
+
+// kApply prologue: each warp merges the partials of one group of the tile, in block order
+// per lane and then in a fixed shuffle tree, into (mean, rstd).  Every block touching the
+// group computes the same values; the group's first tile writes them out.
+template <typename scalar_t, typename acc_t>
+FPM_DEVICE void merge_statistics(const TilePlan& p, const Tile& t, const TileArgs<scalar_t, acc_t>& a,
+                                 const TileSmem<acc_t>& s) {
+  const int g_first = t.c0 / p.Cg, g_count = (t.c0 + t.tc - 1) / p.Cg - g_first + 1;
+  const int lane = simt::lane_index();
+  for (int j = simt::warp_index(); j < g_count; j += simt::kWarps) {
+    const int64_t group = t.n * p.G + g_first + j;
+    const WelfordData<acc_t>* part = a.partials + group * a.blocks_per_group;
+    WelfordData<acc_t> w{0, 0, 0};
+    for (int b = lane; b < a.blocks_per_group; b += simt::kWarpSize) {
+      w = welford_merge(w, simt::load_global(part + b));
+    }
+#pragma unroll
+    for (int offset = simt::kWarpSize / 2; offset > 0; offset /= 2) {
+      w = welford_merge(w, shfl_down(w, offset));  // lane 0 ends with the whole tree
+    }
+    if (lane == 0) {
+      const acc_t rstd = welford_rstd(w, a.eps);
+      s.group_stats[2 * j] = w.mean;
+      s.group_stats[2 * j + 1] = rstd;
+      if (t.th_i == 0 && t.tw_i == 0 && (g_first + j) * p.Cg >= t.c0) {
+        simt::store_global(a.mean_out + group, w.mean);
+        simt::store_global(a.rstd_out + group, rstd);
       }
     }
-    tile[s] = v;
   }
-  __syncthreads();
+}
 
-  // Vertical box sums, in place: row r of a column becomes the sum of staged rows
-  // r .. r + 2 rh, and is written only after every later row has stopped needing it.
-  const int columns = g.TC * g.cols_in;
-  const int window_h = 2 * g.rh + 1;
-  for (int j = tid; j < columns; j += kThreads) {
-    auto a = g.column_div.divmod(j);
-    const int c = kCL ? a.mod : a.div, col = kCL ? a.div : a.mod;
-    acc_t* column = tile + c * g.s_c + col * g.s_col;
-    for (int r = 0; r < g.TH; ++r) {
-      acc_t sum = 0;
-      for (int d = 0; d < window_h; ++d) sum += column[(r + d) * g.s_row];
-      column[r * g.s_row] = sum;
+// kApply: coef = layer_scale * weight * sample_scale * rstd and res_scale per channel.
+template <typename scalar_t, typename acc_t>
+FPM_DEVICE void apply_tables(const TilePlan& p, const Tile& t, const TileArgs<scalar_t, acc_t>& a,
+                             const TileSmem<acc_t>& s) {
+  const int g_first = t.c0 / p.Cg;
+  for (int k = simt::thread_index(); k < p.TCp; k += simt::kThreads) {
+    acc_t coef = 0, res = 0;
+    if (k < t.tc) {
+      const int c = t.c0 + k;
+      const acc_t rstd = s.group_stats[2 * (c / p.Cg - g_first) + 1];
+      coef = a.params.template channel_factor<scalar_t, acc_t>(c) *
+             a.params.template sample_factor<scalar_t, acc_t>(t.n) * rstd;
+      res = a.params.template residual<scalar_t, acc_t>(c);
+    }
+    s.coef[k] = coef, s.res[k] = res;
+  }
+}
+
+// kDx: coef, res, the group mean and corr = rstd^3 * S / M per channel.
+template <typename scalar_t, typename acc_t>
+FPM_DEVICE void dx_tables(const TilePlan& p, const Tile& t, const TileArgs<scalar_t, acc_t>& a,
+                          const TileSmem<acc_t>& s) {
+  for (int k = simt::thread_index(); k < p.TCp; k += simt::kThreads) {
+    acc_t coef = 0, res = 0, mean = 0, corr = 0;
+    if (k < t.tc) {
+      const int c = t.c0 + k;
+      const int64_t ng = t.n * p.G + c / p.Cg;
+      const acc_t r = simt::load_global(a.rstd + ng);
+      coef = a.params.template channel_factor<scalar_t, acc_t>(c) *
+             a.params.template sample_factor<scalar_t, acc_t>(t.n) * r;
+      res = a.params.template residual<scalar_t, acc_t>(c);
+      mean = simt::load_global(a.mean + ng);
+      corr = r * r * r * simt::load_global(a.s_ng + ng) * a.inv_group_numel;
+    }
+    s.coef[k] = coef, s.res[k] = res, s.mean[k] = mean, s.corr[k] = corr;
+  }
+}
+
+template <typename acc_t, int CW>
+FPM_DEVICE void add_scaled(Pack<acc_t, CW>& sum, const Pack<acc_t, CW>& v, acc_t scale) {
+#pragma unroll
+  for (int e = 0; e < CW; ++e) sum.v[e] += v.v[e] * scale;
+}
+
+// The window sum along one axis of the shared array `src`, for the vector of CW elements at
+// `at` whose position on that axis is `pos` (of `len`, radius `radius`); neighbours along the
+// axis are `tap` apart and taps past the ends of the axis are left out.  kWeighted: each tap
+// is multiplied by weights[k + d], the 1/count of its position (k: the entry of `pos`).
+template <typename acc_t, bool kR1, bool kWeighted>
+FPM_DEVICE Pack<acc_t, kVec<acc_t>> window_sum(const SharedArray<acc_t>& src, int at, int tap, int pos, int len,
+                                               int radius, const SharedArray<acc_t>& weights, int k) {
+  constexpr int CW = kVec<acc_t>;
+  Pack<acc_t, CW> sum = src.template load<CW>(at);
+  if (kWeighted) {
+    const acc_t w = weights[k];
+#pragma unroll
+    for (int e = 0; e < CW; ++e) sum.v[e] *= w;
+  }
+  if (kR1) {
+    if (pos > 0) add_scaled(sum, src.template load<CW>(at - tap), kWeighted ? weights[k - 1] : acc_t(1));
+    if (pos < len - 1) add_scaled(sum, src.template load<CW>(at + tap), kWeighted ? weights[k + 1] : acc_t(1));
+  } else {
+    const int lo = imax(-radius, -pos), hi = imin(radius, len - 1 - pos);
+    for (int d = lo; d <= hi; ++d) {
+      if (d != 0) add_scaled(sum, src.template load<CW>(at + d * tap), kWeighted ? weights[k + d] : acc_t(1));
     }
   }
-  __syncthreads();
+  return sum;
+}
 
-  // Horizontal box sums and the per-output epilogue.
-  const int window_w = 2 * g.rw + 1;
-  for (int o = tid; o < g.outputs; o += kThreads) {
-    int c, h, w;
-    if (kCL) {
-      auto a = g.out_inner.divmod(o);       // TC
-      auto b = g.out_middle.divmod(a.div);  // TW
-      c = a.mod, w = b.mod, h = b.div;
+// Phase 2: V = the vertical window sums of X (kWeighted: each tap times 1/count of its
+// row, for P^T), for the tile's rows and every staged column.  NCHW columns outside the
+// staged input (V's margins, the plane's border) are set to zero.
+template <typename acc_t, bool kR1, bool kWeighted>
+FPM_DEVICE void vertical_sums(const TilePlan& p, const Tile& t, const TileSmem<acc_t>& s) {
+  constexpr int CW = kVec<acc_t>;
+  using Vec = Pack<acc_t, CW>;
+  const bool cl = p.channels_last;
+  const int total = p.v_rows * p.v_segs;
+  const int tap = cl ? p.xbox.ext_m * p.xbox.ext_i : p.xbox.ext_i;  // X's row distance
+  const int col_lo = p.margin + imax(-p.hw, -t.w0);
+  const int col_hi = p.margin + imin(t.tw + p.hw, p.W - t.w0);
+  for (int sigma = simt::thread_index(); sigma < total; sigma += simt::kThreads) {
+    int row, seg, ro, rm;
+    p.div_v_segs.divmod(sigma, row, seg);
+    p.div_v_rows_m.divmod(row, ro, rm);
+    const int i0 = seg * CW;
+    const int hrel = cl ? ro : rm;
+    int vi, xi;
+    if (cl) {
+      const int w = t.w0 - p.hw + rm;
+      if (hrel >= t.th || w < 0 || w >= p.W) continue;
+      vi = (ro * p.vbox.ext_m + rm) * p.vbox.ext_i + i0;
+      xi = ((ro + p.hh) * p.xbox.ext_m + rm) * p.xbox.ext_i + i0;
     } else {
-      auto a = g.out_inner.divmod(o);       // TW
-      auto b = g.out_middle.divmod(a.div);  // TH
-      w = a.mod, h = b.mod, c = b.div;
+      if (hrel >= t.th || ro >= t.tc) continue;
+      vi = (ro * p.TH + rm) * p.vbox.ext_i + i0;
+      if (i0 + CW <= col_lo || i0 >= col_hi) {
+        s.V.template store<CW>(vi, Vec{});
+        continue;
+      }
+      xi = (ro * p.xbox.ext_m + rm + p.hh) * p.xbox.ext_i + i0 - p.margin + p.xbox.off_i;
     }
-    const int64_t hh = h0 + h, ww = w0 + w, cc = c0 + c;
-    const bool valid = hh < g.H && ww < g.W && cc < g.C;
-    if (!valid) {
-      if (kMode == kSums) prod_d[o] = 0, prod_x[o] = 0;
+    // hrel + hh: the staged row of h, the 1/count table's entry
+    Vec sum = window_sum<acc_t, kR1, kWeighted>(s.X, xi, tap, t.h0 + hrel, p.H, p.rh, s.inv_h, hrel + p.hh);
+    if (!cl && (i0 < col_lo || i0 + CW > col_hi)) {
+#pragma unroll
+      for (int e = 0; e < CW; ++e) {
+        if (i0 + e < col_lo || i0 + e >= col_hi) sum.v[e] = 0;
+      }
+    }
+    s.V.template store<CW>(vi, sum);
+  }
+}
+
+// Phase 3, per segment of CW outputs: the mode's epilogue from the box sums.
+//   kApply  X[x_at] (x - pivot) becomes y
+//   kSums   P[b_at] = D * dy, B[b_at] (dy) becomes x * dy; zero past `valid`
+//   kDx     B[b_at] (x) becomes dx; X[x_at] holds dy
+template <typename acc_t, int kMode, int CW>
+FPM_DEVICE void finish_segment(const TileSmem<acc_t>& s, const acc_t (&box)[CW], const acc_t (&scale)[CW],
+                               const acc_t (&coef)[CW], const acc_t (&res)[CW], const acc_t (&mean)[CW],
+                               const acc_t (&corr)[CW], int x_at, int b_at, int valid, acc_t pivot) {
+  using Vec = Pack<acc_t, CW>;
+  const Vec centre = s.X.template load<CW>(x_at);
+  Vec out;
+  if (kMode == kApply) {
+#pragma unroll
+    for (int e = 0; e < CW; ++e) {
+      const acc_t xc = centre.v[e];
+      out.v[e] = res[e] * (xc + pivot) + coef[e] * (box[e] * scale[e] - xc);
+    }
+    s.X.template store<CW>(x_at, out);
+  } else if (kMode == kSums) {
+    const Vec grad = s.B.template load<CW>(b_at);
+    Vec xdy;
+#pragma unroll
+    for (int e = 0; e < CW; ++e) {
+      const acc_t xc = centre.v[e];
+      out.v[e] = e < valid ? (box[e] * scale[e] - xc) * grad.v[e] : acc_t(0);
+      xdy.v[e] = e < valid ? (xc + pivot) * grad.v[e] : acc_t(0);
+    }
+    s.P.template store<CW>(b_at, out);
+    s.B.template store<CW>(b_at, xdy);
+  } else {
+    const Vec xv = s.B.template load<CW>(b_at);
+#pragma unroll
+    for (int e = 0; e < CW; ++e) {
+      const acc_t grad = centre.v[e];
+      out.v[e] = res[e] * grad + coef[e] * (box[e] - grad) - corr[e] * (xv.v[e] - mean[e]);
+    }
+    s.B.template store<CW>(b_at, out);
+  }
+}
+
+// NCHW phase 3, one work item: CW consecutive outputs (from column q) of row hr of channel
+// cr; the horizontal sums slide along the row of V (whose zero margins make border taps
+// vanish).
+template <typename acc_t, bool kR1, int kMode>
+FPM_DEVICE void segment_nchw(const TilePlan& p, const Tile& t, const TileSmem<acc_t>& s, acc_t pivot, int cr,
+                             int hr, int q, int b_at) {
+  constexpr int CW = kVec<acc_t>;
+  constexpr bool kWeighted = kMode == kDx;
+  using Vec = Pack<acc_t, CW>;
+  const int col = p.margin + q;  // V's column of output q
+  const int v_at = (cr * p.TH + hr) * p.vbox.ext_i + col;
+  acc_t box[CW];
+  if (kR1) {
+    acc_t taps[CW + 2];
+    const Vec mid = s.V.template load<CW>(v_at);
+    taps[0] = s.V[v_at - 1];
+    taps[CW + 1] = s.V[v_at + CW];
+#pragma unroll
+    for (int e = 0; e < CW; ++e) taps[e + 1] = mid.v[e];
+    if (kWeighted) {
+      const Vec w = s.inv_w.template load<CW>(col);
+      taps[0] *= s.inv_w[col - 1];
+      taps[CW + 1] *= s.inv_w[col + CW];
+#pragma unroll
+      for (int e = 0; e < CW; ++e) taps[e + 1] *= w.v[e];
+    }
+#pragma unroll
+    for (int e = 0; e < CW; ++e) box[e] = taps[e] + taps[e + 1] + taps[e + 2];
+  } else {
+#pragma unroll
+    for (int e = 0; e < CW; ++e) {
+      acc_t sum = 0;
+      for (int d = -p.rw; d <= p.rw; ++d) {
+        sum += kWeighted ? s.V[v_at + e + d] * s.inv_w[col + e + d] : s.V[v_at + e + d];
+      }
+      box[e] = sum;
+    }
+  }
+  const acc_t row_scale = s.inv_h[hr + p.hh];
+  const Vec col_scale = s.inv_w.template load<CW>(col);
+  acc_t scale[CW], coef[CW], res[CW], mean[CW], corr[CW];
+#pragma unroll
+  for (int e = 0; e < CW; ++e) {
+    scale[e] = row_scale * col_scale.v[e];
+    coef[e] = kMode == kSums ? acc_t(0) : s.coef[cr];
+    res[e] = kMode == kSums ? acc_t(0) : s.res[cr];
+    mean[e] = kMode == kDx ? s.mean[cr] : acc_t(0);
+    corr[e] = kMode == kDx ? s.corr[cr] : acc_t(0);
+  }
+  const int x_at = (cr * p.xbox.ext_m + hr + p.hh) * p.xbox.ext_i + p.xbox.off_i + q;
+  finish_segment<acc_t, kMode, CW>(s, box, scale, coef, res, mean, corr, x_at, b_at, t.tw - q, pivot);
+}
+
+// channels_last phase 3, one work item: CW consecutive channels (from q) of position (hr,
+// wr); the horizontal taps are V's neighbouring positions.
+template <typename acc_t, bool kR1, int kMode>
+FPM_DEVICE void segment_channels_last(const TilePlan& p, const Tile& t, const TileSmem<acc_t>& s, acc_t pivot,
+                                      int hr, int wr, int q, int b_at) {
+  constexpr int CW = kVec<acc_t>;
+  constexpr bool kWeighted = kMode == kDx;
+  using Vec = Pack<acc_t, CW>;
+  const int tap = p.vbox.ext_i;  // V's position distance
+  const int w = t.w0 + wr, pos = wr + p.hw;  // pos: V's (and X's) column of w
+  const int v_at = (hr * p.vbox.ext_m + pos) * p.vbox.ext_i + q;
+  const Vec sum = window_sum<acc_t, kR1, kWeighted>(s.V, v_at, tap, w, p.W, p.rw, s.inv_w, pos);
+  const acc_t position_scale = s.inv_h[hr + p.hh] * s.inv_w[pos];
+  acc_t box[CW], scale[CW], coef[CW], res[CW], mean[CW], corr[CW];
+  Vec cv{}, rv{}, mv{}, kv{};
+  if (kMode != kSums) cv = s.coef.template load<CW>(q), rv = s.res.template load<CW>(q);
+  if (kMode == kDx) mv = s.mean.template load<CW>(q), kv = s.corr.template load<CW>(q);
+#pragma unroll
+  for (int e = 0; e < CW; ++e) {
+    box[e] = sum.v[e], scale[e] = position_scale;
+    coef[e] = cv.v[e], res[e] = rv.v[e], mean[e] = mv.v[e], corr[e] = kv.v[e];
+  }
+  const int x_at = ((hr + p.hh) * p.xbox.ext_m + pos) * p.xbox.ext_i + q;
+  finish_segment<acc_t, kMode, CW>(s, box, scale, coef, res, mean, corr, x_at, b_at, t.tc - q, pivot);
+}
+
+// Phase 3: a work item is a row (o, m) of the output tile and a CW-wide segment along it.
+// Rows outside the plane are skipped (kSums: their products are zero).
+template <typename acc_t, bool kR1, int kMode>
+FPM_DEVICE void epilogue(const TilePlan& p, const Tile& t, const TileSmem<acc_t>& s, acc_t pivot) {
+  constexpr int CW = kVec<acc_t>;
+  const bool cl = p.channels_last;
+  const int total = p.o_rows * p.o_segs;
+  for (int sigma = simt::thread_index(); sigma < total; sigma += simt::kThreads) {
+    int row, seg, ro, rm;
+    p.div_o_segs.divmod(sigma, row, seg);
+    p.div_o_rows_m.divmod(row, ro, rm);  // (channel, row) in NCHW, (row, column) in channels_last
+    const int q = seg * CW;
+    const int b_at = (ro * p.o_rows_m + rm) * p.bbox.ext_i + q;
+    const bool inside = cl ? ro < t.th && rm < t.tw : ro < t.tc && rm < t.th;
+    if (!inside) {
+      if (kMode == kSums) s.P.template store<CW>(b_at, Pack<acc_t, CW>{}), s.B.template store<CW>(b_at, Pack<acc_t, CW>{});
       continue;
     }
-    const acc_t* row = tile + c * g.s_c + h * g.s_row + w * g.s_col;
-    acc_t box = 0;
-    for (int d = 0; d < window_w; ++d) box += row[d * g.s_col];
-    const int64_t off = element_offset<kCL>(g, n, cc, hh, ww);
-    if (kMode == kApply || kMode == kSums) {
-      const acc_t xv = to_acc<acc_t>(args.x[off]);
-      const acc_t xc = xv - t_shift[c];
-      const acc_t pooled = box * inv_rows[h + g.rh] * inv_cols[w + g.rw];
-      if (kMode == kApply) {
-        args.out[off] = static_cast<scalar_t>(t_res[c] * xv + t_coef[c] * (pooled - xc));
-      } else {
-        const acc_t grad = to_acc<acc_t>(args.dy[off]);
-        prod_d[o] = (pooled - xc) * grad;
-        prod_x[o] = xv * grad;
-      }
+    if (cl) {
+      segment_channels_last<acc_t, kR1, kMode>(p, t, s, pivot, ro, rm, q, b_at);
     } else {
-      const acc_t grad = to_acc<acc_t>(args.dy[off]);
-      const acc_t xc = to_acc<acc_t>(args.x[off]) - t_shift[c];
-      args.out[off] =
-          static_cast<scalar_t>(t_res[c] * grad + t_coef[c] * (box - grad) - t_corr[c] * xc);
+      segment_nchw<acc_t, kR1, kMode>(p, t, s, pivot, ro, rm, q, b_at);
     }
   }
-  if (kMode != kSums) return;
+}
 
-  // kSums: fold the per-output products into one (D * dy, x * dy) pair per channel of
-  // the tile, in a fixed order, and write them to this tile's slot.
-  __syncthreads();
-  const int lane = tid % 32, warp = tid / 32;
-  const int spatial = g.TH * g.TW;
-  const int64_t slots = int64_t(g.tiles_h) * g.tiles_w;
-  const int64_t slot = int64_t(tile_h) * g.tiles_w + tile_w;
-  if (kCL) {
-    // Lanes along channels (conflict-free), warps split the positions, then warp 0 adds
-    // the kWarps partials in order.
-    for (int cb = 0; cb < g.TC; cb += 32) {
-      const int c = cb + lane;
-      acc_t sd = 0, sx = 0;
-      if (c < g.TC) {
-        for (int p = warp; p < spatial; p += kWarps) {
-          sd += prod_d[p * g.TC + c];
-          sx += prod_x[p * g.TC + c];
-        }
-      }
-      red[warp * 32 + lane] = sd;
-      red[kThreads + warp * 32 + lane] = sx;
-      __syncthreads();
-      if (warp == 0 && c < g.TC && c0 + c < g.C) {
-        acc_t td = 0, tx = 0;
-        for (int w = 0; w < kWarps; ++w) td += red[w * 32 + lane], tx += red[kThreads + w * 32 + lane];
-        const int64_t at = (n * g.C + c0 + c) * slots + slot;
-        args.partial_d[at] = td;
-        args.partial_x[at] = tx;
-      }
-      __syncthreads();
-    }
-  } else {
-    // One warp per channel: lanes along the plane (conflict-free), then a fixed
-    // butterfly whose lane-0 result is written.
-    for (int c = warp; c < g.TC; c += kWarps) {
-      acc_t sd = 0, sx = 0;
-      for (int p = lane; p < spatial; p += 32) {
-        sd += prod_d[c * spatial + p];
-        sx += prod_x[c * spatial + p];
+// kSums phase 4: the sums of P (D * dy) and B (x * dy) per channel of the tile, in a fixed
+// order, to this tile's slot of the partials.
+template <typename scalar_t, typename acc_t>
+FPM_DEVICE void reduce_products(const TilePlan& p, const Tile& t, const TileArgs<scalar_t, acc_t>& a,
+                                const TileSmem<acc_t>& s) {
+  constexpr int CW = kVec<acc_t>;
+  const int lane = simt::lane_index(), warp = simt::warp_index();
+  const int slot = t.th_i * p.tiles_w + t.tw_i;
+  auto write = [&](int c, acc_t d, acc_t xdy) {
+    const int64_t at = (t.n * p.C + t.c0 + c) * p.slots + slot;
+    simt::store_global(a.partial_d + at, d);
+    simt::store_global(a.partial_x + at, xdy);
+  };
+  if (!p.channels_last) {
+    // A warp per channel: its TH x TWp products are contiguous.
+    const int plane = p.TH * p.bbox.ext_i;
+    for (int c = warp; c < p.TC; c += simt::kWarps) {
+      acc_t d = 0, xdy = 0;
+      for (int k = lane * CW; k < plane; k += simt::kWarpSize * CW) {
+        const Pack<acc_t, CW> pd = s.P.template load<CW>(c * plane + k);
+        const Pack<acc_t, CW> px = s.B.template load<CW>(c * plane + k);
+#pragma unroll
+        for (int e = 0; e < CW; ++e) d += pd.v[e], xdy += px.v[e];
       }
 #pragma unroll
-      for (int offset = 16; offset > 0; offset /= 2) {
-        sd += __shfl_xor_sync(0xffffffffu, sd, offset);
-        sx += __shfl_xor_sync(0xffffffffu, sx, offset);
+      for (int offset = simt::kWarpSize / 2; offset > 0; offset /= 2) {
+        d += simt::shfl_down(d, offset);
+        xdy += simt::shfl_down(xdy, offset);
       }
-      if (lane == 0 && c0 + c < g.C) {
-        const int64_t at = (n * g.C + c0 + c) * slots + slot;
-        args.partial_d[at] = sd;
-        args.partial_x[at] = sx;
-      }
+      if (lane == 0 && c < t.tc) write(c, d, xdy);
     }
+  } else {
+    // Lanes along channels, warps split the positions, then warp 0 adds the warps in order.
+    const int positions = p.TH * p.TW, stride = p.bbox.ext_i;
+    for (int c0 = 0; c0 < p.TCp; c0 += simt::kWarpSize) {
+      const int c = c0 + lane;
+      acc_t d = 0, xdy = 0;
+      if (c < p.TCp) {
+        for (int k = warp; k < positions; k += simt::kWarps) d += s.P[k * stride + c], xdy += s.B[k * stride + c];
+      }
+      s.red[warp * simt::kWarpSize + lane] = d;
+      s.red[simt::kThreads + warp * simt::kWarpSize + lane] = xdy;
+      simt::sync_block();
+      if (warp == 0 && c < t.tc) {
+        d = 0, xdy = 0;
+        for (int w = 0; w < simt::kWarps; ++w) {
+          d += s.red[w * simt::kWarpSize + lane];
+          xdy += s.red[simt::kThreads + w * simt::kWarpSize + lane];
+        }
+        write(c, d, xdy);
+      }
+      simt::sync_block();
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t, bool kR1, int kMode>
+FPM_KERNEL(kTileBlocksPerSM<scalar_t>) tile_kernel(const TilePlan p, const TileArgs<scalar_t, acc_t> a) {
+  const Tile t = locate_tile(p);
+  const TileSmem<acc_t> s = carve_tile_smem<acc_t, kMode>(p);
+  const int64_t base = t.n * p.sample_numel;
+  const scalar_t* x = a.x + base;
+  const scalar_t* dy = kMode == kApply ? nullptr : a.dy + base;
+
+  // Phase 1: tables, the apply kernel's statistics, staging.
+  fill_count_tables(p, t, s);
+  if (kMode == kApply) merge_statistics(p, t, a, s);
+  if (kMode == kDx) dx_tables(p, t, a, s);
+  // x is staged minus its value at the tile origin (the sums are shift-invariant; a value
+  // of the data keeps them well conditioned whatever the mean).
+  const acc_t pivot =
+      kMode == kDx ? acc_t(0)
+                   : to_acc<acc_t>(simt::load_global(x + t.O0 * p.dims.stride_o() + t.M0 * p.dims.DI + t.I0));
+  stage_box(kMode == kDx ? dy : x, p.stage_x, bind_box(p.stage_x, p.dims, t.O0, t.M0, t.I0), s.X, pivot);
+  if (kMode != kApply) {
+    stage_box(kMode == kDx ? x : dy, p.stage_b, bind_box(p.stage_b, p.dims, t.O0, t.M0, t.I0), s.B, acc_t(0));
+  }
+  simt::sync_block();
+
+  // Phase 2: vertical sums (and the apply kernel's per-channel factors).
+  if (kMode == kApply) apply_tables(p, t, a, s);
+  vertical_sums<acc_t, kR1, kMode == kDx>(p, t, s);
+  simt::sync_block();
+
+  // Phase 3: horizontal sums and the epilogue.
+  epilogue<acc_t, kR1, kMode>(p, t, s, pivot);
+  simt::sync_block();
+
+  // Phase 4: results out.
+  if (kMode == kSums) {
+    reduce_products<scalar_t, acc_t>(p, t, a, s);
+  } else {
+    store_box(a.out + base, p.store_out, bind_box(p.store_out, p.dims, t.O0, t.M0, t.I0),
+              kMode == kApply ? s.X : s.B);
   }
 }
 
 // ---------------------------------------------------------------------------------------
-// Backward folds.  The sums pass leaves per-(n, c, slot) partials of D * dy and x * dy
-// (slot = the tile within the plane).  One launch finishes every reduction, each in a
-// fixed order:
+// Backward folds.  The sums pass leaves per-(n, c, slot) partials of D * dy and x * dy.
+// One launch finishes every reduction, each in a fixed order:
 //   blocks [0, N * G)          S[n, g] = sum over the group's channels and slots of a * D dy
 //   blocks [N * G, + C / 256)  per channel c, T[c] = sum_n rstd * sample_scale * sum D dy,
-//                              sum x dy, and from them the requested parameter gradients
-//                              (the bias gradient is written as zeros).
+//                              sum x dy, and from them the requested parameter gradients.
 
-struct FoldGeometry {
-  int64_t N, C, G, Cg, slots;
+struct FoldPlan {
+  int64_t N = 0;
+  int C = 0, G = 1, Cg = 1, slots = 1;
+  unsigned blocks = 0;
 };
 
+inline FoldPlan plan_fold(const MixerShape& s, int slots) {
+  FoldPlan f;
+  f.N = s.N, f.C = static_cast<int>(s.C), f.G = static_cast<int>(s.G), f.Cg = static_cast<int>(s.Cg);
+  f.slots = slots;
+  const int64_t blocks = s.N * s.G + ceil_div(s.C, kThreads);
+  if (blocks > INT32_MAX) plan_error("input too large for one grid (" + std::to_string(blocks) + " blocks)");
+  f.blocks = static_cast<unsigned>(blocks);
+  return f;
+}
+
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads)
-fold_kernel(const FoldGeometry f, const acc_t* __restrict__ partial_d,
-            const acc_t* __restrict__ partial_x, const acc_t* __restrict__ rstd_ng,
-            const MixerParams params, const ParamGrads grads, acc_t* __restrict__ s_ng) {
-  __shared__ acc_t scratch[kWarps];
+FPM_KERNEL(4) fold_kernel(const FoldPlan f, const acc_t* __restrict__ partial_d,
+                       const acc_t* __restrict__ partial_x, const acc_t* __restrict__ rstd,
+                       const MixerParams params, const ParamGrads grads, acc_t* __restrict__ s_ng) {
   const int64_t group_blocks = f.N * f.G;
-  if (blockIdx.x < group_blocks) {
-    const int64_t ng = blockIdx.x, n = ng / f.G, c0 = (ng % f.G) * f.Cg;
+  const int tid = simt::thread_index();
+  const int64_t block = simt::block_index();
+  if (block < group_blocks) {  // block-uniform branch
+    const int64_t ng = block, n = ng / f.G;
+    const int c0 = static_cast<int>(ng % f.G) * f.Cg;
     const acc_t sample = params.sample_factor<scalar_t, acc_t>(n);
-    acc_t sum = 0;
-    for (int64_t i = threadIdx.x; i < f.Cg * f.slots; i += kThreads) {
-      const int64_t c = c0 + i / f.slots;
+    acc_t sum = 0, unused = 0;
+    for (int i = tid; i < f.Cg * f.slots; i += kThreads) {
+      const int c = c0 + i / f.slots;
       sum += params.channel_factor<scalar_t, acc_t>(c) * sample *
-             partial_d[(n * f.C + c) * f.slots + i % f.slots];
+             simt::load_global(partial_d + (n * f.C + c) * f.slots + i % f.slots);
     }
-    sum = block_sum(sum, scratch);
-    if (threadIdx.x == 0) s_ng[ng] = sum;
+    simt::SharedCarver carver{simt::dynamic_shared_memory()};
+    block_sum2(sum, unused, carver.take<acc_t>(2 * simt::kWarps));
+    if (tid == 0) simt::store_global(s_ng + ng, sum);
     return;
   }
-  const int64_t c = (blockIdx.x - group_blocks) * kThreads + threadIdx.x;
+  const int c = static_cast<int>(block - group_blocks) * kThreads + tid;
   if (c >= f.C || !grads.any()) return;
   acc_t t = 0, xdy = 0;
   for (int64_t n = 0; n < f.N; ++n) {
-    const acc_t* pd = partial_d + (n * f.C + c) * f.slots;
-    const acc_t* px = partial_x + (n * f.C + c) * f.slots;
+    const int64_t at = (n * f.C + c) * f.slots;
     acc_t d = 0;
-    for (int64_t slot = 0; slot < f.slots; ++slot) d += pd[slot], xdy += px[slot];
-    t += rstd_ng[n * f.G + c / f.Cg] * params.sample_factor<scalar_t, acc_t>(n) * d;
+    for (int slot = 0; slot < f.slots; ++slot) {
+      d += simt::load_global(partial_d + at + slot);
+      xdy += simt::load_global(partial_x + at + slot);
+    }
+    t += simt::load_global(rstd + n * f.G + c / f.Cg) * params.sample_factor<scalar_t, acc_t>(n) * d;
   }
   grads.write<scalar_t, acc_t>(params, c, t, xdy);
 }
 
-// ---------------------------------------------------------------------------------------
-// Host side: geometry choice and launches.
-
-// Splits n into equal pieces of at most max_piece (the last one may be shorter).
-inline int even_split(int64_t n, int64_t max_piece) {
-  max_piece = std::max<int64_t>(1, max_piece);
-  const int64_t pieces = (n + max_piece - 1) / max_piece;
-  return static_cast<int>((n + pieces - 1) / pieces);
-}
-
-inline int ceil_div_int(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
-
-// Output tile of about `target` elements.  NCHW: whole rows (up to 128 wide), as many rows
-// as fit, then several planes when a whole plane fits.  channels_last: up to 64 channels
-// by about 8 x (target / 64 / 8) positions.
-inline void choose_tile(bool channels_last, int64_t C, int64_t H, int64_t W, int64_t target,
-                        int& TC, int& TH, int& TW) {
-  if (channels_last) {
-    TC = even_split(C, std::min<int64_t>(64, target));
-    const int64_t positions = std::max<int64_t>(1, target / TC);
-    TW = even_split(W, std::min<int64_t>(8, positions));
-    TH = even_split(H, std::max<int64_t>(1, positions / TW));
-  } else {
-    TW = even_split(W, std::min<int64_t>(128, target));
-    TH = even_split(H, std::max<int64_t>(1, target / TW));
-    const bool whole_plane = TH == H && TW == W;
-    TC = whole_plane ? even_split(C, std::clamp<int64_t>(target / (H * W), 1, 256)) : 1;
-  }
-}
-
-inline TileGeometry make_tile_geometry(const at::Tensor& x, const MixerShape& s, int mode,
-                                       size_t acc_size) {
-  TileGeometry g{};
-  const bool channels_last = s.channels_last;
-  const int64_t pool_size = 2 * s.radius + 1;
-  g.N = s.N, g.C = s.C, g.H = s.H, g.W = s.W;
-  g.G = s.G, g.Cg = s.Cg;
-  g.rh = static_cast<int>(effective_radius(s.radius, g.H));
-  g.rw = static_cast<int>(effective_radius(s.radius, g.W));
-  // The largest tile (up to 2048 outputs) whose shared memory fits the default 48 KB, else
-  // the largest that fits the device's opt-in limit (only very wide windows need it).
-  const int device = x.device().index();
-  const int64_t limits[2] = {48 * 1024, device_info(device).max_shared_per_block_optin};
-  bool found = false;
-  for (int attempt = 0; attempt < 2 && !found; ++attempt) {
-    for (int64_t target = 2048; target >= 1 && !found; target /= 2) {
-      choose_tile(channels_last, g.C, g.H, g.W, target, g.TC, g.TH, g.TW);
-      const int64_t bytes =
-          tile_smem_elems(g.TC, g.TH, g.TW, g.rh, g.rw, mode) * static_cast<int64_t>(acc_size);
-      if (bytes <= limits[attempt]) {
-        found = true;
-        g.smem_bytes = static_cast<size_t>(bytes);
-      }
-    }
-  }
-  TORCH_CHECK(found, "pool_mixer (CUDA): pool_size ", pool_size, " on a ", g.H, "x", g.W,
-              " plane needs more shared memory than the device has; use backend='cpu' or "
-              "'reference'");
-  g.rows_in = g.TH + 2 * g.rh, g.cols_in = g.TW + 2 * g.rw;
-  g.tiles_c = ceil_div_int(g.C, g.TC), g.tiles_h = ceil_div_int(g.H, g.TH),
-  g.tiles_w = ceil_div_int(g.W, g.TW);
-  g.tile_elems = g.TC * g.rows_in * g.cols_in;
-  g.outputs = g.TC * g.TH * g.TW;
-  if (channels_last) {
-    g.s_c = 1, g.s_col = g.TC, g.s_row = g.cols_in * g.TC;
-    g.in_inner = Divider(g.TC), g.in_middle = Divider(g.cols_in);
-    g.column_div = Divider(g.TC);
-    g.out_inner = Divider(g.TC), g.out_middle = Divider(g.TW);
-  } else {
-    g.s_col = 1, g.s_row = g.cols_in, g.s_c = g.rows_in * g.cols_in;
-    g.in_inner = Divider(g.cols_in), g.in_middle = Divider(g.rows_in);
-    g.column_div = Divider(g.cols_in);
-    g.out_inner = Divider(g.TW), g.out_middle = Divider(g.TH);
-  }
-  g.tiles_w_div = Divider(g.tiles_w), g.tiles_h_div = Divider(g.tiles_h);
-  g.tiles_c_div = Divider(g.tiles_c);
-  g.blocks = g.N * g.tiles_c * g.tiles_h * g.tiles_w;
-  TORCH_CHECK(g.blocks <= std::numeric_limits<int32_t>::max(),
-              "pool_mixer (CUDA): input too large for one grid (", g.blocks, " tiles)");
-  return g;
-}
-
-template <typename scalar_t, typename acc_t, int kMode>
-void launch_tile_kernel(const TileGeometry& g, bool channels_last,
-                        const TileArgs<scalar_t, acc_t>& args, cudaStream_t stream) {
-  auto kernel = channels_last ? tile_kernel<scalar_t, acc_t, true, kMode>
-                              : tile_kernel<scalar_t, acc_t, false, kMode>;
-  if (g.smem_bytes > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(g.smem_bytes)));
-  }
-  kernel<<<static_cast<unsigned int>(g.blocks), kThreads, g.smem_bytes, stream>>>(g, args);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+template <typename acc_t>
+inline size_t fold_smem_bytes() {
+  return 2 * simt::kWarps * sizeof(acc_t);
 }
 
 }  // namespace cuda_kernels

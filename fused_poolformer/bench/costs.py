@@ -1,4 +1,4 @@
-"""The cost model every benchmark row is judged by (DESIGN.md section 5).
+"""The cost model every benchmark row is judged by (docs/performance.md).
 
 The op is memory-bound, so bytes bound its speed.  With E = N*C*H*W elements of s bytes:
 

@@ -130,7 +130,7 @@ def _preamble(results: dict) -> List[str]:
         lines.append(f"copy bandwidth (read + write): {results['copy_bandwidth_gbs']:.1f} GB/s  |  "
                      f"1-min load average at start/end: {fmt(load[0])}/{fmt(load[-1])} on {os.cpu_count()} CPUs")
     if results.get("ops"):
-        lines.append("floor = fused bytes (DESIGN.md s5: fwd 3*E*s, bwd 5*E*s) / copy bandwidth; "
+        lines.append("floor = fused bytes (docs/performance.md: fwd 3*E*s, bwd 5*E*s) / copy bandwidth; "
                      "% floor = floor / time; MB (model): bytes each form moves by that model "
                      "(eager fwd 13*E*s, bwd 20*E*s; compile not modelled)")
         methods = sorted({r["kernel_method"] for r in results["ops"]})

@@ -1,0 +1,87 @@
+// The launch sequences of one forward and one backward call (api.h), shared by the CUDA
+// build (forward.cu, backward.cu, backward_dx.cu instantiate them) and the CPU emulator.
+//
+//   forward   stats_kernel, tile_kernel<kApply>                        2 launches, 1 workspace
+//   backward  tile_kernel<kSums>, fold_kernel, tile_kernel<kDx>        3 launches, 1 workspace
+#pragma once
+
+#include "api.h"
+#include "kernels.cuh"
+
+namespace fused_poolformer {
+namespace cuda_kernels {
+
+// One tile kernel launch; the layout is a runtime branch inside the kernel, the pool size 3
+// has its own unrolled instantiation.
+template <typename scalar_t, typename acc_t, int kMode>
+void launch_tiles(const TilePlan& p, const TileArgs<scalar_t, acc_t>& a, simt::Stream stream) {
+  simt::launch(p.radius_one ? &tile_kernel<scalar_t, acc_t, true, kMode> : &tile_kernel<scalar_t, acc_t, false, kMode>,
+               p.blocks, static_cast<size_t>(p.smem_bytes), stream, p, a);
+}
+
+template <typename scalar_t, typename acc_t>
+void run_forward_kernels(const ForwardCall<scalar_t, acc_t>& call, const DeviceLimits& dev, void* stream_handle,
+                         const WorkspaceAllocator& allocate) {
+  const simt::Stream stream = simt::to_stream(stream_handle);
+  const MixerShape& s = call.shape;
+  const StatsPlan stats = plan_statistics(s, sizeof(scalar_t), dev);
+  const TilePlan tiles = plan_tiles(s, sizeof(scalar_t), sizeof(acc_t), kApply, kTileBlocksPerSM<scalar_t>, dev);
+  auto* partials = static_cast<WelfordData<acc_t>*>(
+      allocate(sizeof(WelfordData<acc_t>) * static_cast<size_t>(stats.groups * stats.blocks_per_group)));
+  simt::launch(&stats_kernel<scalar_t, acc_t>, stats.blocks, stats_smem_bytes<acc_t>(), stream, call.x,
+               stats, partials);
+  TileArgs<scalar_t, acc_t> a;
+  a.x = call.x;
+  a.out = call.y;
+  a.params = call.params;
+  a.partials = partials;
+  a.blocks_per_group = stats.blocks_per_group;
+  a.eps = static_cast<acc_t>(call.eps);
+  a.mean_out = call.mean;
+  a.rstd_out = call.rstd;
+  launch_tiles<scalar_t, acc_t, kApply>(tiles, a, stream);
+}
+
+template <typename scalar_t, typename acc_t>
+void run_backward_kernels(const BackwardCall<scalar_t, acc_t>& call, const DeviceLimits& dev, void* stream_handle,
+                          const WorkspaceAllocator& allocate) {
+  const simt::Stream stream = simt::to_stream(stream_handle);
+  const MixerShape& s = call.shape;
+  if (call.grad_x == nullptr && !call.grads.any()) return;
+  const TilePlan sums = plan_tiles(s, sizeof(scalar_t), sizeof(acc_t), kSums, kTileBlocksPerSM<scalar_t>, dev);
+  const FoldPlan fold = plan_fold(s, sums.slots);
+  // One workspace: partial sums of D * dy and of x * dy per (n, c, slot), then S[n, g].
+  const size_t partial_numel = static_cast<size_t>(s.N * s.C * sums.slots);
+  auto* partial_d = static_cast<acc_t*>(allocate(sizeof(acc_t) * (2 * partial_numel + s.N * s.G)));
+  acc_t* partial_x = partial_d + partial_numel;
+  acc_t* s_ng = partial_x + partial_numel;
+
+  TileArgs<scalar_t, acc_t> a;
+  a.x = call.x;
+  a.dy = call.grad_y;
+  a.params = call.params;
+  a.partial_d = partial_d;
+  a.partial_x = partial_x;
+  launch_tiles<scalar_t, acc_t, kSums>(sums, a, stream);
+  simt::launch(&fold_kernel<scalar_t, acc_t>, fold.blocks, fold_smem_bytes<acc_t>(), stream, fold,
+               static_cast<const acc_t*>(partial_d), static_cast<const acc_t*>(partial_x), call.rstd,
+               call.params, call.grads, s_ng);
+  if (call.grad_x == nullptr) return;
+  const TilePlan dx = plan_tiles(s, sizeof(scalar_t), sizeof(acc_t), kDx, kTileBlocksPerSM<scalar_t>, dev);
+  a.out = call.grad_x;
+  a.mean = call.mean;
+  a.rstd = call.rstd;
+  a.s_ng = s_ng;
+  a.inv_group_numel = acc_t(1) / static_cast<acc_t>(s.group_numel());
+  launch_tiles<scalar_t, acc_t, kDx>(dx, a, stream);
+}
+
+// The four dtypes the operators dispatch to (half types accumulate in float).
+#define FPM_FOR_EACH_DTYPE(MACRO) \
+  MACRO(float, float)             \
+  MACRO(double, double)           \
+  MACRO(c10::Half, float)         \
+  MACRO(c10::BFloat16, float)
+
+}  // namespace cuda_kernels
+}  // namespace fused_poolformer
