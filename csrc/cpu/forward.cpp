@@ -1,6 +1,6 @@
 // CPU forward of the fused pool mixer: GroupNorm statistics (fixed blocks, merged in a
 // fixed order), then one pass that writes y = res * x + a * rstd * (P x - x).  Helpers
-// and the traversal are described in kernels.h.
+// and the traversals are described in kernels.h.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
@@ -12,196 +12,337 @@ namespace cpu {
 namespace {
 
 // ---------------------------------------------------------------------------------------
-// Forward, pass 1: GroupNorm statistics.  Fixed blocks, two passes over each (cache
-// resident) block, Chan merge of the block partials in order.
+// Pass 1: GroupNorm statistics.  Fixed blocks, two passes over each (cache-resident)
+// block, Chan merge of the block partials in order.
 
 constexpr int64_t kStatsBlock = 4096;
 
-// Sum of f(chunk) over a run, with four independent accumulators so that the adds do not
-// wait on each other (a single chain is latency-bound), folded in a fixed order.
+// Sum of f(i, n) over chunks of a run, with four independent accumulators so that the adds
+// do not wait on each other (a single chain is latency-bound), folded in a fixed order.
 template <typename acc_t, typename F>
-inline acc_t unrolled_sum(int64_t count, F f) {
+inline Vectorized<acc_t> unrolled_sum(int64_t count, int64_t step, F f) {
   using Vec = Vectorized<acc_t>;
-  constexpr int64_t V = kLanes<acc_t>;
   Vec s0(acc_t(0)), s1(acc_t(0)), s2(acc_t(0)), s3(acc_t(0));
   int64_t i = 0;
-  for (; i + 4 * V <= count; i += 4 * V) {
-    s0 += f(i, V);
-    s1 += f(i + V, V);
-    s2 += f(i + 2 * V, V);
-    s3 += f(i + 3 * V, V);
+  for (; i + 4 * step <= count; i += 4 * step) {
+    s0 += f(i, step);
+    s1 += f(i + step, step);
+    s2 += f(i + 2 * step, step);
+    s3 += f(i + 3 * step, step);
   }
-  for (; i < count; i += V) s0 += f(i, std::min(V, count - i));
-  return lane_sum((s0 + s1) + (s2 + s3));
-}
-
-// Lane-wise sum of f(p) for p in [0, count), four independent accumulators.
-template <typename acc_t, typename F>
-inline Vectorized<acc_t> column_sum(int64_t count, F f) {
-  using Vec = Vectorized<acc_t>;
-  Vec s0(acc_t(0)), s1(acc_t(0)), s2(acc_t(0)), s3(acc_t(0));
-  int64_t p = 0;
-  for (; p + 4 <= count; p += 4) {
-    s0 += f(p);
-    s1 += f(p + 1);
-    s2 += f(p + 2);
-    s3 += f(p + 3);
-  }
-  for (; p < count; ++p) s0 += f(p);
+  for (; i < count; i += step) s0 += f(i, std::min(step, count - i));
   return (s0 + s1) + (s2 + s3);
 }
 
 template <typename scalar_t, typename acc_t>
 WelfordData<acc_t> contiguous_block_stats(const scalar_t* p, int64_t count) {
   using Vec = Vectorized<acc_t>;
-  const acc_t mean =
-      unrolled_sum<acc_t>(count, [&](int64_t i, int64_t n) { return load<acc_t>(p + i, n); }) /
-      acc_t(count);
-  const acc_t m2 = unrolled_sum<acc_t>(count, [&](int64_t i, int64_t n) {
+  constexpr int64_t V = kLanes<acc_t>;
+  const acc_t mean = lane_sum(unrolled_sum<acc_t>(count, V, [&](int64_t i, int64_t n) {
+                       return load<acc_t>(p + i, n);
+                     })) / acc_t(count);
+  const acc_t m2 = lane_sum(unrolled_sum<acc_t>(count, V, [&](int64_t i, int64_t n) {
     const Vec d = first_lanes(load<acc_t>(p + i, n) - Vec(mean), n);
     return d * d;
-  });
+  }));
   return {acc_t(count), mean, m2};
 }
 
-// NCHW: the elements of group (n, g) are one contiguous run.
-template <typename scalar_t, typename acc_t>
-void stats_contiguous(const scalar_t* x, int64_t N, int64_t G, int64_t group_numel,
-                      std::vector<WelfordData<acc_t>>& out) {
-  const int64_t blocks = std::max<int64_t>(1, (group_numel + kStatsBlock - 1) / kStatsBlock);
-  std::vector<WelfordData<acc_t>> partial(N * G * blocks);
-  at::parallel_for(0, N * G * blocks, grain_size(kStatsBlock), [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t group = t / blocks, b = t % blocks;
-      const int64_t start = b * kStatsBlock;
-      const int64_t count = std::min(kStatsBlock, group_numel - start);
-      partial[t] = count > 0 ? contiguous_block_stats<scalar_t, acc_t>(
-                                   x + group * group_numel + start, count)
-                             : WelfordData<acc_t>{0, 0, 0};
-    }
-  });
-  for (int64_t group = 0; group < N * G; ++group) {
-    WelfordData<acc_t> w{0, 0, 0};
-    for (int64_t b = 0; b < blocks; ++b) w = welford_merge(w, partial[group * blocks + b]);
-    out[group] = w;
-  }
+// Merges partials[first + i * stride] for i in [0, count) in order.
+template <typename acc_t>
+WelfordData<acc_t> merge_in_order(const WelfordData<acc_t>* partials, int64_t count,
+                                  int64_t stride = 1) {
+  WelfordData<acc_t> w{0, 0, 0};
+  for (int64_t i = 0; i < count; ++i) w = welford_merge(w, partials[i * stride]);
+  return w;
 }
 
-// channels_last: a block is a run of positions of one sample, all C channels each; the
-// per-channel sums are vectors along C, folded into per-group partials.
-template <typename scalar_t, typename acc_t>
-void stats_channels_last(const scalar_t* x, int64_t N, int64_t C, int64_t G, int64_t positions,
-                         std::vector<WelfordData<acc_t>>& out) {
-  const int64_t per_block = std::max<int64_t>(1, kStatsBlock / std::max<int64_t>(C, 1));
-  const int64_t blocks = std::max<int64_t>(1, (positions + per_block - 1) / per_block);
-  const int64_t Cg = C / G;
-  std::vector<WelfordData<acc_t>> partial(N * blocks * G, WelfordData<acc_t>{0, 0, 0});
-  at::parallel_for(0, N * blocks, grain_size(per_block * C), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> channel_sum(C), channel_m2(C), channel_mean(C);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t n = t / blocks, b = t % blocks;
-      const int64_t p0 = b * per_block, p1 = std::min(positions, p0 + per_block);
-      if (p1 <= p0) continue;
-      const scalar_t* base = x + n * positions * C;
-      // Channel chunks outer, positions inner: the sums stay in registers (a per-position
-      // pass over C would chain every add through memory).  The block is L1-resident.
-      const int64_t np = p1 - p0;
-      for (int64_t c = 0; c < C; c += kLanes<acc_t>) {
-        const int64_t lanes = std::min(kLanes<acc_t>, C - c);
-        const scalar_t* at = base + p0 * C + c;
-        store(channel_sum.data() + c, column_sum<acc_t>(np, [&](int64_t p) {
-          return load<acc_t>(at + p * C, lanes);
-        }), lanes);
-      }
-      const acc_t count = acc_t((p1 - p0) * Cg);
-      for (int64_t g = 0; g < G; ++g) {
-        acc_t s = 0;
-        for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) s += channel_sum[c];
-        std::fill(channel_mean.begin() + g * Cg, channel_mean.begin() + (g + 1) * Cg, s / count);
-      }
-      for (int64_t c = 0; c < C; c += kLanes<acc_t>) {
-        const int64_t lanes = std::min(kLanes<acc_t>, C - c);
-        const scalar_t* at = base + p0 * C + c;
-        const auto mean = load<acc_t>(channel_mean.data() + c, lanes);
-        store(channel_m2.data() + c, column_sum<acc_t>(np, [&](int64_t p) {
-          const auto d = first_lanes(load<acc_t>(at + p * C, lanes) - mean, lanes);
-          return d * d;
-        }), lanes);
-      }
-      for (int64_t g = 0; g < G; ++g) {
-        acc_t m2 = 0;
-        for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) m2 += channel_m2[c];
-        partial[(n * blocks + b) * G + g] = {count, channel_mean[g * Cg], m2};
-      }
-    }
-  });
-  for (int64_t n = 0; n < N; ++n) {
+// The statistics come in tasks (numbered sample by sample) that write partials, and a
+// per-sample merge of those partials in a fixed order.
+
+// NCHW: the elements of group (n, g) are one contiguous run, split into blocks.
+struct ContiguousStats {
+  int64_t G, group_numel, blocks;
+
+  explicit ContiguousStats(const MixerShape& s)
+      : G(s.G), group_numel(s.group_numel()),
+        blocks(std::max<int64_t>(1, (s.group_numel() + kStatsBlock - 1) / kStatsBlock)) {}
+  int64_t tasks_per_sample() const { return G * blocks; }
+  int64_t task_elements() const { return kStatsBlock; }
+  int64_t scratch_elements() const { return 0; }
+
+  template <typename scalar_t, typename acc_t>
+  void task(const scalar_t* x, int64_t t, WelfordData<acc_t>* partial, acc_t*) const {
+    const int64_t group = t / blocks, start = (t % blocks) * kStatsBlock;
+    const int64_t count = std::min(kStatsBlock, group_numel - start);
+    partial[t] = count > 0 ? contiguous_block_stats<scalar_t, acc_t>(
+                                 x + group * group_numel + start, count)
+                           : WelfordData<acc_t>{0, 0, 0};
+  }
+
+  template <typename acc_t>
+  void merge(int64_t n, const WelfordData<acc_t>* partial, WelfordData<acc_t>* out) const {
     for (int64_t g = 0; g < G; ++g) {
-      WelfordData<acc_t> w{0, 0, 0};
-      for (int64_t b = 0; b < blocks; ++b) w = welford_merge(w, partial[(n * blocks + b) * G + g]);
-      out[n * G + g] = w;
+      out[g] = merge_in_order(partial + (n * G + g) * blocks, blocks);
     }
   }
-}
+};
+
+// channels_last: a task is a block of positions of one sample, all channels: a sequential
+// run of memory.  Per-channel sums accumulate in scratch, position by position; then per
+// group, its mean; then the per-channel sums of squared deviations from it.
+struct ChannelsLastStats {
+  int64_t C, G, Cg, positions, per_block, blocks;
+
+  explicit ChannelsLastStats(const MixerShape& s)
+      : C(s.C), G(s.G), Cg(s.Cg), positions(s.H * s.W),
+        per_block(std::max<int64_t>(1, 4 * kStatsBlock / std::max<int64_t>(s.C, 1))),
+        blocks((positions + per_block - 1) / per_block) {}
+  int64_t tasks_per_sample() const { return blocks; }
+  int64_t task_elements() const { return per_block * C; }
+  int64_t scratch_elements() const { return 2 * round_up(C, 8); }
+
+  template <typename scalar_t, typename acc_t, typename F>
+  void channel_sums(const scalar_t* base, int64_t np, acc_t* sums, F f) const {
+    using Vec = Vectorized<acc_t>;
+    constexpr int64_t V = kLanes<acc_t>;
+    std::fill(sums, sums + round_up(C, V), acc_t(0));
+    const int64_t full = C / V * V;
+    for (int64_t p = 0; p < np; ++p) {
+      const scalar_t* at = base + p * C;
+      for (int64_t c = 0; c < full; c += V) {
+        (Vec::loadu(sums + c) + f(load<acc_t>(at + c), c, V)).store(sums + c);
+      }
+      if (full < C) {
+        const int64_t n = C - full;
+        (Vec::loadu(sums + full) + f(load<acc_t>(at + full, n), full, n)).store(sums + full);
+      }
+    }
+  }
+
+  template <typename scalar_t, typename acc_t>
+  void task(const scalar_t* x, int64_t t, WelfordData<acc_t>* partial, acc_t* scratch) const {
+    using Vec = Vectorized<acc_t>;
+    const int64_t n = t / blocks, b = t % blocks;
+    const int64_t p0 = b * per_block, np = std::min(positions, p0 + per_block) - p0;
+    const scalar_t* base = x + (n * positions + p0) * C;
+    acc_t* sums = scratch;
+    acc_t* means = scratch + round_up(C, 8);
+    channel_sums(base, np, sums, [](Vec v, int64_t, int64_t) FPM_LAMBDA_INLINE { return v; });
+    WelfordData<acc_t>* out = partial + t * G;
+    const acc_t count = acc_t(np * Cg);
+    for (int64_t g = 0; g < G; ++g) {
+      acc_t s = 0;
+      for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) s += sums[c];
+      const acc_t mean = s / count;
+      std::fill(means + g * Cg, means + (g + 1) * Cg, mean);
+      out[g] = {count, mean, acc_t(0)};
+    }
+    channel_sums(base, np, sums, [&](Vec v, int64_t c, int64_t lanes) FPM_LAMBDA_INLINE {
+      const Vec d = first_lanes(v - Vec::loadu(means + c), lanes);
+      return d * d;
+    });
+    for (int64_t g = 0; g < G; ++g) {
+      acc_t m2 = 0;
+      for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) m2 += sums[c];
+      out[g].m2 = m2;
+    }
+  }
+
+  template <typename acc_t>
+  void merge(int64_t n, const WelfordData<acc_t>* partial, WelfordData<acc_t>* out) const {
+    for (int64_t g = 0; g < G; ++g) out[g] = merge_in_order(partial + n * blocks * G + g, blocks, G);
+  }
+};
 
 // ---------------------------------------------------------------------------------------
-// Forward, pass 2: y = res * x + coef * (box / cnt - xc) with xc = x - mean and
-// coef = a * rstd.  Pooling x - mean instead of x gives the same D (the pool of a constant
-// is that constant) and keeps the box sums small when |mean| >> std.
+// Pass 2: y = res * x + coef * (box / cnt - xc) with xc = x - mean and coef = a * rstd.
+// Pooling x - mean instead of x gives the same D (the pool of a constant is that constant)
+// and keeps the box sums small when |mean| >> std.
 
-template <typename scalar_t, typename acc_t, bool kCL>
-void forward_apply(const Geometry<acc_t>& g, const scalar_t* x, scalar_t* y, const acc_t* mean_nc,
-                   const acc_t* coef_nc, const acc_t* res_c) {
-  using Vec = Vectorized<acc_t>;
-  for_each_task(g, [&](int64_t plane, int64_t, int64_t h_begin, int64_t h_end,
-                       RowScratch<acc_t>& scratch) {
-    const scalar_t* xp = x + plane * g.plane_numel();
-    scalar_t* yp = y + plane * g.plane_numel();
-    const acc_t* shift = mean_nc + plane_factor_offset(g, plane);
-    const acc_t* coef = coef_nc + plane_factor_offset(g, plane);
-    const acc_t* res = res_c + plane_channel(g, plane);
-    auto centered = [&](int64_t h, int64_t o, int64_t lanes, int64_t c, int64_t) {
-      return load<acc_t>(xp + h * g.L + o, lanes) - per_channel<kCL>(shift, c, lanes);
-    };
-    auto emit = [&](int64_t h, const HorizontalSum<acc_t>& box) {
-      const Vec inv_h(g.inv_h[h]);
-      for_each_chunk<kCL>(g, [&](int64_t o, int64_t lanes, int64_t c, int64_t w) {
-        const Vec xv = load<acc_t>(xp + h * g.L + o, lanes);
-        const Vec pooled = box(o, lanes) * inv_h * per_position<kCL>(g, w, lanes);
-        const Vec xc = xv - per_channel<kCL>(shift, c, lanes);
-        store_output(yp + h * g.L + o,
-              per_channel<kCL>(res, c, lanes) * xv + per_channel<kCL>(coef, c, lanes) * (pooled - xc),
-              lanes, g.stream_outputs);
-      });
-    };
-    box_sum_rows<kCL>(g, h_begin, h_end, scratch, centered, emit);
-  });
+template <typename acc_t>
+inline Vectorized<acc_t> mixer_output(Vectorized<acc_t> res, Vectorized<acc_t> coef,
+                                      Vectorized<acc_t> x, Vectorized<acc_t> xc,
+                                      Vectorized<acc_t> pooled) {
+  return res * x + coef * (pooled - xc);
 }
 
+template <typename scalar_t, typename acc_t>
+struct ApplyPass {
+  using Vec = Vectorized<acc_t>;
+  static constexpr int64_t V = kLanes<acc_t>;
+  const Geometry<acc_t>& g;
+  const scalar_t* x;
+  scalar_t* y;
+  const Factors<acc_t>& f;
+  bool streaming;
 
-template <typename scalar_t>
-void forward_kernel(const ForwardProblem& p) {
+  template <int R>
+  void strip(int64_t item, Vec* col) const {
+    const bool stream = streaming;
+    const StripTask st = strip_task(g, item);
+    const int64_t C = g.C, W = g.W;
+    const acc_t* inv_h = g.inv_h;
+    const acc_t* inv_w = g.inv_w;
+    with_strip_shape<acc_t>(st, [&](auto nv_const, auto full_const) FPM_LAMBDA_INLINE {
+      constexpr int NV = decltype(nv_const)::value;
+      constexpr bool kFull = decltype(full_const)::value;
+      auto lanes = [&](int k) FPM_LAMBDA_INLINE { return kFull || k < NV - 1 ? V : st.tail; };
+      const int64_t base = st.n * g.H * W * C + st.c0;
+      const scalar_t* xp = x + base;
+      scalar_t* yp = y + base;
+      Vec mean[NV], coef[NV], res[NV];
+      unrolled<NV>([&](auto k) FPM_LAMBDA_INLINE {
+        mean[k] = load<acc_t>(f.mean + st.n * C + st.c0 + k * V, lanes(k));
+        coef[k] = load<acc_t>(f.coef + st.n * C + st.c0 + k * V, lanes(k));
+        res[k] = load<acc_t>(f.res + st.c0 + k * V, lanes(k));
+      });
+      auto source = [&](int64_t hh) FPM_LAMBDA_INLINE {
+        return [&, p = xp + hh * W * C](int64_t w, auto k) FPM_LAMBDA_INLINE {
+          return load<acc_t>(p + w * C + k * V, lanes(k)) - mean[k];
+        };
+      };
+      auto column = [](Vec v, int64_t) FPM_LAMBDA_INLINE { return v; };
+      auto emit = [&](int64_t h, int64_t w, const Vec* box) FPM_LAMBDA_INLINE {
+        const Vec inv(inv_h[h] * inv_w[w]);
+        unrolled<NV>([&](auto k) FPM_LAMBDA_INLINE {
+          const int64_t o = (h * W + w) * C + k * V;
+          const Vec xv = load<acc_t>(xp + o, lanes(k));
+          store_output(yp + o, mixer_output(res[k], coef[k], xv, xv - mean[k], box[k] * inv),
+                       lanes(k), stream);
+        });
+      };
+      strip_box_sums<R, NV>(g, st.h_begin, st.h_end, col, source, column, emit);
+    });
+  }
+
+  template <int R>
+  void plane(int64_t plane, const PlaneScratch<acc_t>& s) const {
+    const bool stream = streaming;
+    const int64_t HW = g.plane_numel();
+    const scalar_t* xp = x + plane * HW;
+    scalar_t* yp = y + plane * HW;
+    const Vec mean(f.mean[plane]), coef(f.coef[plane]), res(f.res[plane % g.C]);
+    auto source = [&](int64_t i, int64_t n) FPM_LAMBDA_INLINE {
+      return first_lanes(load<acc_t>(xp + i, n) - mean, n);
+    };
+    auto emit = [&](int64_t i, int64_t n, Vec box) FPM_LAMBDA_INLINE {
+      const Vec pooled = box * Vec::loadu(g.inv_cnt + i);
+      store_output(yp + i,
+                   mixer_output(res, coef, load<acc_t>(xp + i, n), Vec::loadu(s.xs + i), pooled),
+                   n, stream);
+    };
+    plane_box_sums<R>(g, s, source, emit);
+  }
+
+  template <int R>
+  void row(int64_t item, acc_t* col) const {
+    const bool stream = streaming;
+    const RowTask r = row_task(g, item);
+    const acc_t* inv_h = g.inv_h;
+    const acc_t* inv_w = g.inv_w;
+    const int64_t HW = g.plane_numel(), W = g.W;
+    const scalar_t* xp = x + r.plane * HW;
+    scalar_t* yp = y + r.plane * HW;
+    const Vec mean(f.mean[r.plane]), coef(f.coef[r.plane]), res(f.res[r.plane % g.C]);
+    auto source = [&](int64_t hh) FPM_LAMBDA_INLINE {
+      return [&, p = xp + hh * W](int64_t w, int64_t n) FPM_LAMBDA_INLINE {
+        return load<acc_t>(p + w, n) - mean;
+      };
+    };
+    auto column = [](Vec v, int64_t, int64_t) FPM_LAMBDA_INLINE { return v; };
+    auto emit = [&](int64_t h, const auto& box) FPM_LAMBDA_INLINE {
+      const Vec row_scale(inv_h[h]);
+      for (int64_t w = 0; w < W; w += V) {
+        const int64_t n = std::min(V, W - w);
+        const Vec xv = load<acc_t>(xp + h * W + w, n);
+        const Vec pooled = box(w) * row_scale * load<acc_t>(inv_w + w, n);
+        store_output(yp + h * W + w, mixer_output(res, coef, xv, xv - mean, pooled), n,
+                     stream);
+      }
+    };
+    row_box_sums<R>(g, r.h_begin, r.h_end, col, source, column, emit);
+  }
+};
+
+// ---------------------------------------------------------------------------------------
+// The launcher.
+
+template <typename scalar_t, typename Stats>
+void forward_with(const ForwardProblem& p, const Stats& stats) {
   using acc_t = at::opmath_type<scalar_t>;
   const MixerShape& s = p.shape;
   const scalar_t* x = p.x.const_data_ptr<scalar_t>();
-  std::vector<WelfordData<acc_t>> stats(s.N * s.G);
-  if (s.channels_last) {
-    stats_channels_last<scalar_t, acc_t>(x, s.N, s.C, s.G, s.H * s.W, stats);
-  } else {
-    stats_contiguous<scalar_t, acc_t>(x, s.N, s.G, s.group_numel(), stats);
-  }
+  scalar_t* y = p.y.mutable_data_ptr<scalar_t>();
   acc_t* mean = p.mean.mutable_data_ptr<acc_t>();
   acc_t* rstd = p.rstd.mutable_data_ptr<acc_t>();
-  for (int64_t i = 0; i < s.N * s.G; ++i) {
-    mean[i] = stats[i].mean;
-    rstd[i] = welford_rstd(stats[i], static_cast<acc_t>(p.eps));
-  }
-  const auto f = channel_factors<scalar_t, acc_t>(s, p.params, mean, rstd);
-  const auto g = make_geometry<acc_t>(s, std::is_same_v<scalar_t, float>);
-  with_layout(s.channels_last, [&](auto channels_last) {
-    forward_apply<scalar_t, acc_t, decltype(channels_last)::value>(
-        g, x, p.y.mutable_data_ptr<scalar_t>(), f.mean.data(), f.coef.data(), f.res.data());
+  Geometry<acc_t> g = make_geometry<acc_t>(s, s.C * s.H * s.W * int64_t(sizeof(scalar_t)));
+  const int64_t stats_tasks = s.N * stats.tasks_per_sample();
+
+  Workspace ws;
+  Factors<acc_t> f;
+  WelfordData<acc_t>* partial = nullptr;
+  WelfordData<acc_t>* merged = nullptr;
+  ws.fit([&](Workspace& a) {
+    take_tables(g, a);
+    f.take(a, s);
+    partial = a.take<WelfordData<acc_t>>(stats_tasks * s.G);
+    merged = a.take<WelfordData<acc_t>>(s.G);
   });
+  fill_channel_factors<scalar_t>(f, s, p.params);
+
+  const int64_t run = s.channels_last ? s.C : (g.traversal == Traversal::kPlanes ? s.H * s.W : s.W);
+  const ApplyPass<scalar_t, acc_t> apply{g, x, y, f, can_stream<scalar_t, acc_t>(y, run)};
+  // Statistics of sample n from its partials, then its factors.
+  auto finish_sample = [&](int64_t n, WelfordData<acc_t>* out) {
+    stats.merge(n, partial, out);
+    for (int64_t i = 0; i < s.G; ++i) {
+      mean[n * s.G + i] = out[i].mean;
+      rstd[n * s.G + i] = welford_rstd(out[i], static_cast<acc_t>(p.eps));
+    }
+    fill_sample_factors(f, s, n, p.params.sample_factor<scalar_t, acc_t>(n), mean, rstd);
+  };
+
+  if (g.fused) {
+    at::parallel_for(0, s.N, grain_size(g.sample_numel()), [&](int64_t begin, int64_t end) {
+      Scratch scratch;
+      acc_t* stats_scratch = nullptr;
+      WelfordData<acc_t>* out = nullptr;
+      TraversalScratch<acc_t> buffers;
+      scratch.fit([&](Scratch& a) {
+        stats_scratch = a.take<acc_t>(stats.scratch_elements());
+        out = a.take<WelfordData<acc_t>>(s.G);
+        buffers = take_traversal_scratch(g, a);
+      });
+      for (int64_t n = begin; n < end; ++n) {
+        const int64_t t0 = n * stats.tasks_per_sample();
+        for (int64_t t = t0; t < t0 + stats.tasks_per_sample(); ++t) {
+          stats.task(x, t, partial, stats_scratch);
+        }
+        finish_sample(n, out);
+        run_items(apply, g, n * g.items_per_sample, (n + 1) * g.items_per_sample, buffers);
+      }
+      output_fence();
+    });
+    return;
+  }
+  at::parallel_for(0, stats_tasks, grain_size(stats.task_elements()), [&](int64_t begin, int64_t end) {
+    Scratch scratch;
+    acc_t* stats_scratch = nullptr;
+    scratch.fit([&](Scratch& a) { stats_scratch = a.take<acc_t>(stats.scratch_elements()); });
+    for (int64_t t = begin; t < end; ++t) stats.task(x, t, partial, stats_scratch);
+  });
+  for (int64_t n = 0; n < s.N; ++n) finish_sample(n, merged);
+  run_tasks(g, apply);
+}
+
+template <typename scalar_t>
+void forward_kernel(const ForwardProblem& p) {
+  if (p.shape.channels_last) {
+    forward_with<scalar_t>(p, ChannelsLastStats(p.shape));
+  } else {
+    forward_with<scalar_t>(p, ContiguousStats(p.shape));
+  }
 }
 
 void launch_forward(const ForwardProblem& p) {
