@@ -207,6 +207,19 @@ ForwardResult forward_autograd(c10::DispatchKeySet ks, const at::Tensor& x,
                                const OptionalTensor& layer_scale, const OptionalTensor& res_scale,
                                const OptionalTensor& sample_scale, int64_t num_groups,
                                int64_t pool_size, double eps) {
+  // Without a graph to record (inference, torch.no_grad, inputs that need no gradient)
+  // go straight to the kernel: Function::apply would still build a node, its context and
+  // the saved tensors, a few microseconds that a small late-stage call notices.
+  const bool record = at::GradMode::is_enabled() &&
+                      (x.requires_grad() || requires_grad(weight) || requires_grad(bias) ||
+                       requires_grad(layer_scale) || requires_grad(res_scale) ||
+                       requires_grad(sample_scale));
+  if (!record) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return forward_handle().redispatch(ks & c10::after_ADInplaceOrView_keyset, x, weight, bias,
+                                       layer_scale, res_scale, sample_scale, num_groups,
+                                       pool_size, eps);
+  }
   auto out = PoolMixerFunction::apply(ks, x, weight, bias, layer_scale, res_scale, sample_scale,
                                       num_groups, pool_size, eps);
   return {out[0], out[1], out[2]};

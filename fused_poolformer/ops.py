@@ -148,6 +148,11 @@ def backward_operator(backend: str):
 # The public entry point.
 
 
+# The backend names that the C++ operator serves directly for a tensor on that device.
+_CPU_FAST = ("auto", "cpu")
+_CUDA_FAST = ("auto", "cuda")
+
+
 def pool_mixer(
     x: Tensor,
     weight: Optional[Tensor] = None,
@@ -177,9 +182,9 @@ def pool_mixer(
     # every tensor argument and value itself; only what Python alone can see (a bool passed
     # as an int, a string for a number) is checked here.
     if (
-        backend == "auto"
-        and isinstance(x, Tensor)
-        and ((x.is_cpu and HAS_CPU_KERNELS) or (x.is_cuda and HAS_CUDA_KERNELS))
+        isinstance(x, Tensor)
+        and ((x.is_cpu and HAS_CPU_KERNELS and backend in _CPU_FAST)
+             or (x.is_cuda and HAS_CUDA_KERNELS and backend in _CUDA_FAST))
         and type(num_groups) is int
         and type(pool_size) is int
         and type(eps) is float

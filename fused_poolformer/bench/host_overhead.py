@@ -5,9 +5,10 @@ the operator calls one fused forward+backward dispatches.
 
 Each forward+backward is ``torch.autograd.grad(y, inputs, grad_y)``, so no loss op is
 counted or timed.  Times: the median per-call time on one CPU thread, from blocks of
-back-to-back calls that end with a device synchronize (``timing.block_time``).  Operator
-calls: the operator events (``namespace::name``) torch.profiler records in one call,
-nested calls included, and the top-level ones among them.
+back-to-back calls that end with a device synchronize, the implementations' blocks
+alternating (``timing.interleaved_block_times``: a shared machine's drift hits them
+alike).  Operator calls: the operator events (``namespace::name``) torch.profiler records
+in one call, nested calls included, and the top-level ones among them.
 """
 
 from typing import Callable, Dict, List
@@ -58,9 +59,10 @@ def host_overhead_rows(device: str, emit: Callable, min_run_time: float = MIN_RU
     rows = []
     for pass_ in PASSES:
         baseline_us = None
-        for name, fn in host_impls(device).items():
-            step = _step(fn, pass_, device)
-            t = timing.block_time(step, device, min_run_time, threads=1)
+        steps = {name: _step(fn, pass_, device) for name, fn in host_impls(device).items()}
+        times = timing.interleaved_block_times(steps, device, min_run_time, threads=1)
+        for name, step in steps.items():
+            t = times[name]
             calls = timing.operator_calls(step)
             row = dict(impl=name, **{"pass": pass_}, shape=list(SHAPE), dtype="fp32", device=device,
                        median_us=t["median_ms"] * 1e3, q25_us=t["q25_ms"] * 1e3, q75_us=t["q75_ms"] * 1e3,

@@ -60,26 +60,54 @@ def _cuda_event_times(fn: Callable, reps: int) -> List[float]:
     return [begin.elapsed_time(end) / 1e3 for begin, end in events]
 
 
-def _block_times(fn: Callable, device: str, min_run_time: float, min_blocks: int = 5) -> List[float]:
-    """Per-call times of blocks of back-to-back calls, each block ending with a device
-    synchronize and long enough (>= 1 ms or a tenth of min_run_time) that the clock's cost
-    vanishes, until min_run_time and min_blocks."""
-    def block(number: int) -> float:
-        start = time.perf_counter()
-        for _ in range(number):
-            fn()
-        synchronize(device)
-        return time.perf_counter() - start
+def _block(fn: Callable, device: str, number: int) -> float:
+    """Seconds of ``number`` back-to-back calls ending with a device synchronize."""
+    start = time.perf_counter()
+    for _ in range(number):
+        fn()
+    synchronize(device)
+    return time.perf_counter() - start
 
+
+def _calls_per_block(fn: Callable, device: str, min_run_time: float) -> int:
+    """Enough calls that a block lasts >= 1 ms (or a tenth of min_run_time): the clock's
+    cost vanishes."""
     block_s = min(1e-3, min_run_time / 10)
     number = 1
-    while block(number) < block_s and number < 1 << 20:
+    while _block(fn, device, number) < block_s and number < 1 << 20:
         number *= 2
+    return number
+
+
+def _block_times(fn: Callable, device: str, min_run_time: float, min_blocks: int = 5) -> List[float]:
+    """Per-call times of blocks of back-to-back calls (see _calls_per_block), until
+    min_run_time and min_blocks."""
+    number = _calls_per_block(fn, device, min_run_time)
+    block = lambda number: _block(fn, device, number)  # noqa: E731
     times: List[float] = []
     deadline = time.perf_counter() + min_run_time
     while len(times) < min_blocks or time.perf_counter() < deadline:
         times.append(block(number) / number)
     return times
+
+
+def interleaved_block_times(steps: Dict[str, Callable], device: str, min_run_time: float, warmup: int = 5,
+                            threads: Optional[int] = None) -> Dict[str, dict]:
+    """block_time of each step, the steps' blocks alternating round by round (about
+    min_run_time per step in all), so that drift in the machine's speed hits them alike."""
+    def measure():
+        numbers = {}
+        for name, fn in steps.items():
+            for _ in range(warmup):
+                fn()
+            numbers[name] = _calls_per_block(fn, device, min_run_time)
+        times: Dict[str, List[float]] = {name: [] for name in steps}
+        deadline = time.perf_counter() + min_run_time * len(steps)
+        while min(len(t) for t in times.values()) < 5 or time.perf_counter() < deadline:
+            for name, fn in steps.items():
+                times[name].append(_block(fn, device, numbers[name]) / numbers[name])
+        return {name: summarize(t) for name, t in times.items()}
+    return _with_threads(threads, measure)
 
 
 def _with_threads(threads: Optional[int], measure: Callable[[], dict]) -> dict:
