@@ -58,6 +58,15 @@ struct SumsPass {
       auto column = [](Vec v, int64_t) FPM_LAMBDA_INLINE { return v; };
       // (Lanes past the strip's channels are never stored: no masking needed.)
       auto emit = [&](int64_t h, int64_t w, const Vec* box) FPM_LAMBDA_INLINE {
+        // The lines the next output row needs first: its new x window row and its dy row.
+        if (h + g.rh + 1 < g.H) {
+          const scalar_t* next = xp + ((h + g.rh + 1) * W + w) * C;
+          prefetch_strip_line(next, next + NV * V - 1);
+        }
+        if (h + 1 < g.H) {
+          const scalar_t* next = dyp + ((h + 1) * W + w) * C;
+          prefetch_strip_line(next, next + NV * V - 1);
+        }
         const Vec inv(inv_h[h] * inv_w[w]);
         unrolled<NV>([&](auto k) FPM_LAMBDA_INLINE {
           const int64_t o = (h * W + w) * C + k * V;
@@ -185,6 +194,15 @@ struct InputGradientPass {
       };
       auto column = [&](Vec v, int64_t w) FPM_LAMBDA_INLINE { return v * Vec(inv_w[w]); };
       auto emit = [&](int64_t h, int64_t w, const Vec* box) FPM_LAMBDA_INLINE {
+        // The lines the next output row needs first: its new dy window row and its x row.
+        if (h + g.rh + 1 < g.H) {
+          const scalar_t* next = dyp + ((h + g.rh + 1) * W + w) * C;
+          prefetch_strip_line(next, next + NV * V - 1);
+        }
+        if (h + 1 < g.H) {
+          const scalar_t* next = xp + ((h + 1) * W + w) * C;
+          prefetch_strip_line(next, next + NV * V - 1);
+        }
         unrolled<NV>([&](auto k) FPM_LAMBDA_INLINE {
           const int64_t o = (h * W + w) * C + k * V;
           const Vec grad = load<acc_t>(dyp + o, lanes(k));

@@ -203,7 +203,12 @@ struct ApplyPass {
         };
       };
       auto column = [](Vec v, int64_t) FPM_LAMBDA_INLINE { return v; };
+      const int64_t ahead = g.rh + 1;  // the row the next output row adds to its window
       auto emit = [&](int64_t h, int64_t w, const Vec* box) FPM_LAMBDA_INLINE {
+        if (h + ahead < g.H) {
+          const scalar_t* next = xp + ((h + ahead) * W + w) * C;
+          prefetch_strip_line(next, next + NV * V - 1);
+        }
         const Vec inv(inv_h[h] * inv_w[w]);
         unrolled<NV>([&](auto k) FPM_LAMBDA_INLINE {
           const int64_t o = (h * W + w) * C + k * V;

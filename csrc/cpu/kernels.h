@@ -50,6 +50,25 @@
 namespace fused_poolformer {
 namespace cpu {
 
+// channels_last strips read one line per pixel at a stride of C elements: the hardware
+// prefetchers keep too few of those in flight, so a strip asks for the line of the row its
+// next output row will add, a whole row (hundreds of instructions) ahead.
+template <typename scalar_t>
+FPM_INLINE void prefetch_strip_line(const scalar_t* first, const scalar_t* last) {
+#if defined(__GNUC__)
+  __builtin_prefetch(first);
+  __builtin_prefetch(last);  // the same line unless the strip straddles two
+#else
+  (void)first, (void)last;
+#endif
+}
+
+}  // namespace cpu
+}  // namespace fused_poolformer
+
+namespace fused_poolformer {
+namespace cpu {
+
 using at::vec::Vectorized;
 
 template <typename acc_t>
