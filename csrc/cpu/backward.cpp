@@ -38,13 +38,10 @@ struct SumsPass {
     const int64_t C = g.C, W = g.W;
     const acc_t* inv_h = g.inv_h;
     const acc_t* inv_w = g.inv_w;
-    with_strip_shape<acc_t>(st, [&](auto nv_const, auto full_const) FPM_LAMBDA_INLINE {
+    with_strip_shape<acc_t>(st, [&](auto nv_const, auto lanes) FPM_LAMBDA_INLINE {
       constexpr int NV = decltype(nv_const)::value;
-      constexpr bool kFull = decltype(full_const)::value;
-      auto lanes = [&](int k) FPM_LAMBDA_INLINE { return kFull || k < NV - 1 ? V : st.tail; };
-      const int64_t base = st.n * g.H * W * C + st.c0;
-      const scalar_t* xp = x + base;
-      const scalar_t* dyp = dy + base;
+      const scalar_t* xp = x + st.offset;
+      const scalar_t* dyp = dy + st.offset;
       Vec mean[NV], acc_d[NV], acc_x[NV];
       unrolled<NV>([&](auto k) FPM_LAMBDA_INLINE {
         mean[k] = load<acc_t>(f.mean + st.n * C + st.c0 + k * V, lanes(k));
@@ -59,14 +56,8 @@ struct SumsPass {
       // (Lanes past the strip's channels are never stored: no masking needed.)
       auto emit = [&](int64_t h, int64_t w, const Vec* box) FPM_LAMBDA_INLINE {
         // The lines the next output row needs first: its new x window row and its dy row.
-        if (h + g.rh + 1 < g.H) {
-          const scalar_t* next = xp + ((h + g.rh + 1) * W + w) * C;
-          prefetch_strip_line(next, next + NV * V - 1);
-        }
-        if (h + 1 < g.H) {
-          const scalar_t* next = dyp + ((h + 1) * W + w) * C;
-          prefetch_strip_line(next, next + NV * V - 1);
-        }
+        prefetch_strip_line(g, xp, h + g.rh + 1, w, NV * V);
+        prefetch_strip_line(g, dyp, h + 1, w, NV * V);
         const Vec inv(inv_h[h] * inv_w[w]);
         unrolled<NV>([&](auto k) FPM_LAMBDA_INLINE {
           const int64_t o = (h * W + w) * C + k * V;
@@ -171,14 +162,11 @@ struct InputGradientPass {
     const int64_t C = g.C, W = g.W;
     const acc_t* inv_h = g.inv_h;
     const acc_t* inv_w = g.inv_w;
-    with_strip_shape<acc_t>(st, [&](auto nv_const, auto full_const) FPM_LAMBDA_INLINE {
+    with_strip_shape<acc_t>(st, [&](auto nv_const, auto lanes) FPM_LAMBDA_INLINE {
       constexpr int NV = decltype(nv_const)::value;
-      constexpr bool kFull = decltype(full_const)::value;
-      auto lanes = [&](int k) FPM_LAMBDA_INLINE { return kFull || k < NV - 1 ? V : st.tail; };
-      const int64_t base = st.n * g.H * W * C + st.c0;
-      const scalar_t* xp = x + base;
-      const scalar_t* dyp = dy + base;
-      scalar_t* dxp = dx + base;
+      const scalar_t* xp = x + st.offset;
+      const scalar_t* dyp = dy + st.offset;
+      scalar_t* dxp = dx + st.offset;
       Vec mean[NV], coef[NV], res[NV], corr[NV];
       unrolled<NV>([&](auto k) FPM_LAMBDA_INLINE {
         const int64_t nc = st.n * C + st.c0 + k * V;
@@ -195,14 +183,8 @@ struct InputGradientPass {
       auto column = [&](Vec v, int64_t w) FPM_LAMBDA_INLINE { return v * Vec(inv_w[w]); };
       auto emit = [&](int64_t h, int64_t w, const Vec* box) FPM_LAMBDA_INLINE {
         // The lines the next output row needs first: its new dy window row and its x row.
-        if (h + g.rh + 1 < g.H) {
-          const scalar_t* next = dyp + ((h + g.rh + 1) * W + w) * C;
-          prefetch_strip_line(next, next + NV * V - 1);
-        }
-        if (h + 1 < g.H) {
-          const scalar_t* next = xp + ((h + 1) * W + w) * C;
-          prefetch_strip_line(next, next + NV * V - 1);
-        }
+        prefetch_strip_line(g, dyp, h + g.rh + 1, w, NV * V);
+        prefetch_strip_line(g, xp, h + 1, w, NV * V);
         unrolled<NV>([&](auto k) FPM_LAMBDA_INLINE {
           const int64_t o = (h * W + w) * C + k * V;
           const Vec grad = load<acc_t>(dyp + o, lanes(k));

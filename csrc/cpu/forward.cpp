@@ -184,13 +184,10 @@ struct ApplyPass {
     const int64_t C = g.C, W = g.W;
     const acc_t* inv_h = g.inv_h;
     const acc_t* inv_w = g.inv_w;
-    with_strip_shape<acc_t>(st, [&](auto nv_const, auto full_const) FPM_LAMBDA_INLINE {
+    with_strip_shape<acc_t>(st, [&](auto nv_const, auto lanes) FPM_LAMBDA_INLINE {
       constexpr int NV = decltype(nv_const)::value;
-      constexpr bool kFull = decltype(full_const)::value;
-      auto lanes = [&](int k) FPM_LAMBDA_INLINE { return kFull || k < NV - 1 ? V : st.tail; };
-      const int64_t base = st.n * g.H * W * C + st.c0;
-      const scalar_t* xp = x + base;
-      scalar_t* yp = y + base;
+      const scalar_t* xp = x + st.offset;
+      scalar_t* yp = y + st.offset;
       Vec mean[NV], coef[NV], res[NV];
       unrolled<NV>([&](auto k) FPM_LAMBDA_INLINE {
         mean[k] = load<acc_t>(f.mean + st.n * C + st.c0 + k * V, lanes(k));
@@ -203,12 +200,9 @@ struct ApplyPass {
         };
       };
       auto column = [](Vec v, int64_t) FPM_LAMBDA_INLINE { return v; };
-      const int64_t ahead = g.rh + 1;  // the row the next output row adds to its window
       auto emit = [&](int64_t h, int64_t w, const Vec* box) FPM_LAMBDA_INLINE {
-        if (h + ahead < g.H) {
-          const scalar_t* next = xp + ((h + ahead) * W + w) * C;
-          prefetch_strip_line(next, next + NV * V - 1);
-        }
+        // The row the next output row adds to its window.
+        prefetch_strip_line(g, xp, h + g.rh + 1, w, NV * V);
         const Vec inv(inv_h[h] * inv_w[w]);
         unrolled<NV>([&](auto k) FPM_LAMBDA_INLINE {
           const int64_t o = (h * W + w) * C + k * V;

@@ -50,25 +50,6 @@
 namespace fused_poolformer {
 namespace cpu {
 
-// channels_last strips read one line per pixel at a stride of C elements: the hardware
-// prefetchers keep too few of those in flight, so a strip asks for the line of the row its
-// next output row will add, a whole row (hundreds of instructions) ahead.
-template <typename scalar_t>
-FPM_INLINE void prefetch_strip_line(const scalar_t* first, const scalar_t* last) {
-#if defined(__GNUC__)
-  __builtin_prefetch(first);
-  __builtin_prefetch(last);  // the same line unless the strip straddles two
-#else
-  (void)first, (void)last;
-#endif
-}
-
-}  // namespace cpu
-}  // namespace fused_poolformer
-
-namespace fused_poolformer {
-namespace cpu {
-
 using at::vec::Vectorized;
 
 template <typename acc_t>
@@ -639,6 +620,7 @@ FPM_INLINE void strip_box_sums(const Geometry<acc_t>& g, int64_t h_begin, int64_
 // Where a strip task is: sample n, channels [c0, c0 + lanes[0] + ...), rows [h_begin, h_end).
 struct StripTask {
   int64_t n, c0, nv, tail, h_begin, h_end, chunk;
+  int64_t offset;  // of the strip's first element (sample n, row 0, column 0, channel c0)
 };
 
 template <typename acc_t>
@@ -654,21 +636,46 @@ FPM_INLINE StripTask strip_task(const Geometry<acc_t>& g, int64_t t) {
   s.tail = width - (s.nv - 1) * V;
   s.h_begin = s.chunk * g.rows_per_chunk;
   s.h_end = std::min(g.H, s.h_begin + g.rows_per_chunk);
+  s.offset = s.n * g.H * g.W * g.C + s.c0;
   return s;
 }
 
-// Runs body(NV, kFull): the strip's vector count and whether its last vector is full, as
-// compile-time constants (std::integral_constant / std::bool_constant).
+// channels_last strips read one line per pixel at a stride of C elements: the hardware
+// prefetchers keep too few of those in flight, so a pass asks for the strip's line of the
+// row its next output row will need, a whole row (hundreds of instructions) ahead.
+// `strip` is the strip's first element in the sample; nothing is fetched past the last row.
+template <typename scalar_t, typename acc_t>
+FPM_INLINE void prefetch_strip_line(const Geometry<acc_t>& g, const scalar_t* strip, int64_t row,
+                                    int64_t w, int64_t width) {
+#if defined(__GNUC__)
+  if (row >= g.H) return;
+  const scalar_t* line = strip + (row * g.W + w) * g.C;
+  __builtin_prefetch(line);
+  __builtin_prefetch(line + width - 1);  // the same line unless the strip straddles two
+#else
+  (void)g, (void)strip, (void)row, (void)w, (void)width;
+#endif
+}
+
+// Runs body(NV, lanes): the strip's vector count as a compile-time constant
+// (std::integral_constant) and lanes(k), the valid lanes of its vector k -- a constant too
+// where the last vector is full, so the full-strip body has no partial loads.
 template <typename acc_t, typename Body>
 FPM_INLINE void with_strip_shape(const StripTask& st, Body body) {
   static_assert(kStripVectors == 2);
-  const bool full = st.tail == kLanes<acc_t>;
+  constexpr int64_t V = kLanes<acc_t>;
+  auto run = [&](auto nv_const, auto full_const) FPM_LAMBDA_INLINE {
+    constexpr int NV = decltype(nv_const)::value;
+    constexpr bool kFull = decltype(full_const)::value;
+    body(nv_const, [&](int k) FPM_LAMBDA_INLINE { return kFull || k < NV - 1 ? V : st.tail; });
+  };
+  const bool full = st.tail == V;
   if (st.nv == 2) {
-    full ? body(std::integral_constant<int, 2>{}, std::true_type{})
-         : body(std::integral_constant<int, 2>{}, std::false_type{});
+    full ? run(std::integral_constant<int, 2>{}, std::true_type{})
+         : run(std::integral_constant<int, 2>{}, std::false_type{});
   } else {
-    full ? body(std::integral_constant<int, 1>{}, std::true_type{})
-         : body(std::integral_constant<int, 1>{}, std::false_type{});
+    full ? run(std::integral_constant<int, 1>{}, std::true_type{})
+         : run(std::integral_constant<int, 1>{}, std::false_type{});
   }
 }
 

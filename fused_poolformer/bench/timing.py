@@ -83,11 +83,10 @@ def _block_times(fn: Callable, device: str, min_run_time: float, min_blocks: int
     """Per-call times of blocks of back-to-back calls (see _calls_per_block), until
     min_run_time and min_blocks."""
     number = _calls_per_block(fn, device, min_run_time)
-    block = lambda number: _block(fn, device, number)  # noqa: E731
     times: List[float] = []
     deadline = time.perf_counter() + min_run_time
     while len(times) < min_blocks or time.perf_counter() < deadline:
-        times.append(block(number) / number)
+        times.append(_block(fn, device, number) / number)
     return times
 
 
