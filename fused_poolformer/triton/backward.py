@@ -25,6 +25,7 @@ from .common import (
     INTERPRET,
     Geometry,
     autotuned,
+    channel_factors,
     cl_tile_setup,
     cl_window_start,
     cl_window_step,
@@ -233,9 +234,8 @@ def _dx_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, part_t_ptr, part_x_ptr
         if CHANNELS_LAST:
             TW: tl.constexpr = strip_columns(TILE_W, W)
             w_first, p_ok, c, c_ok = cl_tile_setup(ng, cb, wb, G, Cg, W, WIDE, CG_P2, TILE_P, TILE_C, TILE_W)
-            coef = (vector_or_ones(weight_ptr, c, c_ok, HAS_WEIGHT, ACC)
-                    * vector_or_ones(layer_ptr, c, c_ok, HAS_LAYER, ACC)) * factor
-            res = vector_or_ones(res_ptr, c, c_ok, HAS_RES, ACC)
+            coef, res = channel_factors(weight_ptr, layer_ptr, res_ptr, c, c_ok, factor, HAS_WEIGHT, HAS_LAYER,
+                                        HAS_RES, ACC)
             h_first = hb * TH
             sums, kept = cl_window_start(dy, 0.0, h_first, p_ok, c, c_ok, w_first, C, H, W, TW, RADIUS_H,
                                          RADIUS_W, WIDE, True, ACC)
@@ -251,9 +251,8 @@ def _dx_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, part_t_ptr, part_x_ptr
             grads, pooled, offsets, masks, _, c, c_ok = nchw_pooled_tile(
                 dy, 0.0, ng, cb, hb, wb, G, Cg, H, W, VEC, RADIUS_H, RADIUS_W, HALO, WIDE, CG_P2, BLOCK_W, TILE_P,
                 True, ACC)
-            coef = (vector_or_ones(weight_ptr, c, c_ok, HAS_WEIGHT, ACC)
-                    * vector_or_ones(layer_ptr, c, c_ok, HAS_LAYER, ACC)) * factor
-            res = vector_or_ones(res_ptr, c, c_ok, HAS_RES, ACC)
+            coef, res = channel_factors(weight_ptr, layer_ptr, res_ptr, c, c_ok, factor, HAS_WEIGHT, HAS_LAYER,
+                                        HAS_RES, ACC)
             for o in tl.static_range(len(grads)):
                 xv = tl.load(x + offsets[o], mask=masks[o], other=0.0).to(ACC)
                 out = dx_output(grads[o], pooled[o], xv, mean, coef, res, corr)

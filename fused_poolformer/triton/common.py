@@ -126,6 +126,16 @@ def vector_or_ones(ptr, index, mask, PRESENT: tl.constexpr, ACC: tl.constexpr):
         return tl.full(index.shape, 1.0, ACC)
 
 
+@triton.jit
+def channel_factors(weight_ptr, layer_ptr, res_ptr, c, c_ok, factor, HAS_WEIGHT: tl.constexpr,
+                    HAS_LAYER: tl.constexpr, HAS_RES: tl.constexpr, ACC: tl.constexpr):
+    """(coef, res) of channels c: coef = weight * layer_scale * factor (factor = rstd, times
+    the sample's scale), res = res_scale; absent vectors count as ones."""
+    coef = (vector_or_ones(weight_ptr, c, c_ok, HAS_WEIGHT, ACC)
+            * vector_or_ones(layer_ptr, c, c_ok, HAS_LAYER, ACC)) * factor
+    return coef, vector_or_ones(res_ptr, c, c_ok, HAS_RES, ACC)
+
+
 @constexpr_function
 def bit_reverse(k, bits):
     return int(format(k, f"0{bits}b")[::-1], 2) if bits else 0

@@ -23,6 +23,7 @@ from .common import (
     INTERPRET,
     Geometry,
     autotuned,
+    channel_factors,
     cl_tile_setup,
     cl_window_start,
     cl_window_step,
@@ -38,7 +39,6 @@ from .common import (
     tile_coords,
     tile_rows,
     tiles_along,
-    vector_or_ones,
 )
 
 # Elements per loop step of a statistics program and the number of programs to aim for.
@@ -167,9 +167,8 @@ def _apply_kernel(x_ptr, y_ptr, part_ptr, mean_ptr, rstd_ptr, weight_ptr, layer_
     if CHANNELS_LAST:
         TW: tl.constexpr = strip_columns(TILE_W, W)
         w_first, p_ok, c, c_ok = cl_tile_setup(ng, cb, wb, G, Cg, W, WIDE, CG_P2, TILE_P, TILE_C, TILE_W)
-        coef = (vector_or_ones(weight_ptr, c, c_ok, HAS_WEIGHT, ACC)
-                * vector_or_ones(layer_ptr, c, c_ok, HAS_LAYER, ACC)) * factor
-        res = vector_or_ones(res_ptr, c, c_ok, HAS_RES, ACC)
+        coef, res = channel_factors(weight_ptr, layer_ptr, res_ptr, c, c_ok, factor, HAS_WEIGHT, HAS_LAYER,
+                                    HAS_RES, ACC)
         h_first = hb * TH
         sums, kept = cl_window_start(x, mean, h_first, p_ok, c, c_ok, w_first, C, H, W, TW, RADIUS_H, RADIUS_W,
                                      WIDE, False, ACC)
@@ -183,9 +182,8 @@ def _apply_kernel(x_ptr, y_ptr, part_ptr, mean_ptr, rstd_ptr, weight_ptr, layer_
         centres, boxes, offsets, masks, invs, c, c_ok = nchw_pooled_tile(
             x, mean, ng, cb, hb, wb, G, Cg, H, W, VEC, RADIUS_H, RADIUS_W, HALO, WIDE, CG_P2, BLOCK_W, TILE_P,
             False, ACC)
-        coef = (vector_or_ones(weight_ptr, c, c_ok, HAS_WEIGHT, ACC)
-                * vector_or_ones(layer_ptr, c, c_ok, HAS_LAYER, ACC)) * factor
-        res = vector_or_ones(res_ptr, c, c_ok, HAS_RES, ACC)
+        coef, res = channel_factors(weight_ptr, layer_ptr, res_ptr, c, c_ok, factor, HAS_WEIGHT, HAS_LAYER,
+                                    HAS_RES, ACC)
         for o in tl.static_range(len(centres)):
             out = mixer_output(centres[o], boxes[o], invs[o], mean, coef, res)
             tl.store(y + offsets[o], out.to(y_ptr.dtype.element_ty), mask=masks[o])
