@@ -1,37 +1,28 @@
-// Autograd of the fused pool mixer, in C++ at the Autograd dispatch key (as torchvision
-// does for its operators): a call that needs gradients goes from the dispatcher straight
-// into PoolMixerFunction and from there to the device kernel, with no Python on the way
-// and none inside the backward.
+// Autograd of the fused pool mixer, in C++ at the Autograd dispatch key (as PyTorch's
+// generated code does for its own operators): a call that needs gradients goes from the
+// dispatcher straight to the device kernel and records one node, with no Python on the
+// way and none inside the backward.
 //
-//   pool_mixer_forward  -> PoolMixerFunction: saves x, mean, rstd and the vectors (nothing
-//                          else of size N*C*H*W); mean and rstd are non-differentiable.
-//   its backward        -> pool_mixer_backward through the dispatcher, whose own Autograd
+//   pool_mixer_forward  -> records PoolMixerBackward: saves x, mean, rstd and the vectors
+//                          (nothing else of size N*C*H*W); mean and rstd get no history.
+//   PoolMixerBackward   -> pool_mixer_backward through the dispatcher, whose own Autograd
 //                          kernel either redispatches to the fused kernel (the usual case:
 //                          grad mode is off inside a backward) or, under create_graph=True,
 //                          evaluates the closed-form backward (docs/math.md) with
 //                          differentiable ATen ops, so second derivatives are exact.
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/dynamo/compiled_autograd.h>
 #include <torch/library.h>
+
+#include <mutex>
 
 #include "host.h"
 
 namespace fused_poolformer {
-namespace {
 
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
-
-using ForwardSignature = ForwardResult(const at::Tensor&, const OptionalTensor&,
-                                       const OptionalTensor&, const OptionalTensor&,
-                                       const OptionalTensor&, const OptionalTensor&, int64_t,
-                                       int64_t, double);
-using BackwardSignature = BackwardResult(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         const at::Tensor&, const OptionalTensor&,
-                                         const OptionalTensor&, const OptionalTensor&,
-                                         const OptionalTensor&, const OptionalTensor&, int64_t,
-                                         int64_t, double, std::array<bool, 5>);
-
+// The operators' typed handles, looked up once.
 const c10::TypedOperatorHandle<ForwardSignature>& forward_handle() {
   static const auto handle = c10::Dispatcher::singleton()
                                  .findSchemaOrThrow("fused_poolformer::pool_mixer_forward", "")
@@ -45,6 +36,13 @@ const c10::TypedOperatorHandle<BackwardSignature>& backward_handle() {
                                  .typed<BackwardSignature>();
   return handle;
 }
+
+namespace {
+
+using torch::autograd::collect_next_edges;
+using torch::autograd::isFwGradDefined;
+using torch::autograd::set_history;
+using torch::autograd::variable_list;
 
 bool present(const OptionalTensor& t) { return t.has_value() && t->defined(); }
 
@@ -148,58 +146,91 @@ BackwardResult backward_autograd(c10::DispatchKeySet ks, const at::Tensor& grad_
 }
 
 // ---------------------------------------------------------------------------------------
-// The forward operator's autograd Function.
+// The forward operator's autograd node.
+//
+// A hand-written Node, as PyTorch's generated autograd code builds for its own operators,
+// instead of torch::autograd::Function: Function::apply also builds a context with a
+// string-keyed map, per-input and per-output VariableInfo vectors, and wraps every output
+// a second time -- several microseconds per call that a late-stage 7x7 call notices.
+// Edges follow the forward's tensor arguments one to one (an absent optional gets an
+// empty edge), so output i of apply() is the gradient of argument i.
 
-class PoolMixerFunction : public torch::autograd::Function<PoolMixerFunction> {
+class PoolMixerBackward : public torch::autograd::TraceableFunction {
  public:
-  // Lets compiled autograd trace the backward (it calls only dispatcher operators).
-  static constexpr bool is_traceable = true;
+  enum Input { kX, kWeight, kBias, kLayerScale, kResScale, kSampleScale, kNumInputs };
 
-  static variable_list forward(AutogradContext* ctx, c10::DispatchKeySet ks, const at::Tensor& x,
-                               const OptionalTensor& weight, const OptionalTensor& bias,
-                               const OptionalTensor& layer_scale, const OptionalTensor& res_scale,
-                               const OptionalTensor& sample_scale, int64_t num_groups,
-                               int64_t pool_size, double eps) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    auto [y, mean, rstd] = forward_handle().redispatch(
-        ks & c10::after_ADInplaceOrView_keyset, x, weight, bias, layer_scale, res_scale,
-        sample_scale, num_groups, pool_size, eps);
-    ctx->save_for_backward({x, mean, rstd, or_undefined(weight), or_undefined(bias),
-                            or_undefined(layer_scale), or_undefined(res_scale),
-                            or_undefined(sample_scale)});
-    ctx->saved_data["num_groups"] = num_groups;
-    ctx->saved_data["pool_size"] = pool_size;
-    ctx->saved_data["eps"] = eps;
-    ctx->mark_non_differentiable({mean, rstd});
-    // The gradients of mean and rstd are never materialised (they would be zeros).
-    ctx->set_materialize_grads(false);
-    return {y, mean, rstd};
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor& x = saved[0];
-    const OptionalTensor weight = optional(saved[3]), bias = optional(saved[4]),
-                         layer_scale = optional(saved[5]), res_scale = optional(saved[6]),
-                         sample_scale = optional(saved[7]);
-    // needs_input_grad counts the tensor inputs actually passed: an absent optional
-    // shifts the indices of the ones after it.
-    int64_t index = 0;
-    auto wanted = [&](bool passed) { return passed && ctx->needs_input_grad(index++); };
-    const std::array<bool, 5> mask{wanted(true), wanted(weight.has_value()),
-                                   wanted(bias.has_value()), wanted(layer_scale.has_value()),
-                                   wanted(res_scale.has_value())};
-    // One entry per argument of forward (after ctx): ks, x, the five vectors, three options.
-    variable_list out(10);
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    variable_list out(kNumInputs);
     const at::Tensor& grad_y = grads[0];
+    // task_should_compute_output: only what this backward pass asked for (e.g. the inputs
+    // of torch.autograd.grad), false for an absent optional.
+    const std::array<bool, 5> mask{
+        task_should_compute_output(kX), task_should_compute_output(kWeight),
+        task_should_compute_output(kBias), task_should_compute_output(kLayerScale),
+        task_should_compute_output(kResScale)};
     if (!grad_y.defined() || !(mask[0] || mask[1] || mask[2] || mask[3] || mask[4])) return out;
+    const auto self = getptr();
+    auto unpack = [&](const torch::autograd::SavedVariable& v) { return optional(v.unpack(self)); };
     auto [dx, dweight, dbias, dlayer, dres] = backward_handle().call(
-        grad_y, x, saved[1], saved[2], weight, bias, layer_scale, res_scale, sample_scale,
-        ctx->saved_data["num_groups"].toInt(), ctx->saved_data["pool_size"].toInt(),
-        ctx->saved_data["eps"].toDouble(), mask);
-    out[1] = dx, out[2] = dweight, out[3] = dbias, out[4] = dlayer, out[5] = dres;
+        grad_y, x_.unpack(self), mean_.unpack(self), rstd_.unpack(self), unpack(weight_),
+        unpack(bias_), unpack(layer_scale_), unpack(res_scale_), unpack(sample_scale_),
+        num_groups_, pool_size_, eps_, mask);
+    out[kX] = std::move(dx), out[kWeight] = std::move(dweight), out[kBias] = std::move(dbias);
+    out[kLayerScale] = std::move(dlayer), out[kResScale] = std::move(dres);
     return out;
   }
+
+  std::string name() const override { return "PoolMixerBackward"; }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto* v : saved()) v->reset_data();
+  }
+
+  // Compiled autograd: the saved tensors and options are the node's inputs; its apply()
+  // calls only dispatcher operators, so it is traced as it stands.
+  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& args) const override {
+    for (auto* v : const_cast<PoolMixerBackward*>(this)->saved()) args.collect(*v, false);
+    args.collect(num_groups_);
+    args.collect(pool_size_);
+    args.collect(eps_);
+  }
+
+  variable_list apply_with_saved(const variable_list& grads,
+                                 torch::dynamo::autograd::SwapSavedVariables& swap) override {
+    for (auto* v : saved()) swap.before(*v);
+    auto out = apply(variable_list(grads));
+    for (auto* v : saved()) swap.after(*v);
+    return out;
+  }
+
+  void save(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
+            const OptionalTensor& weight, const OptionalTensor& bias,
+            const OptionalTensor& layer_scale, const OptionalTensor& res_scale,
+            const OptionalTensor& sample_scale, int64_t num_groups, int64_t pool_size,
+            double eps) {
+    auto keep = [](const OptionalTensor& v) {
+      return torch::autograd::SavedVariable(or_undefined(v), false);
+    };
+    x_ = torch::autograd::SavedVariable(x, false);
+    mean_ = torch::autograd::SavedVariable(mean, false);
+    rstd_ = torch::autograd::SavedVariable(rstd, false);
+    weight_ = keep(weight), bias_ = keep(bias), layer_scale_ = keep(layer_scale);
+    res_scale_ = keep(res_scale), sample_scale_ = keep(sample_scale);
+    num_groups_ = num_groups, pool_size_ = pool_size, eps_ = eps;
+  }
+
+ private:
+  std::array<torch::autograd::SavedVariable*, 8> saved() {
+    return {&x_, &mean_, &rstd_, &weight_, &bias_, &layer_scale_, &res_scale_, &sample_scale_};
+  }
+
+  // x, mean and rstd, and the vectors: nothing else of size N*C*H*W.
+  torch::autograd::SavedVariable x_, mean_, rstd_, weight_, bias_, layer_scale_, res_scale_,
+      sample_scale_;
+  int64_t num_groups_ = 1, pool_size_ = 3;
+  double eps_ = 1e-5;
 };
 
 ForwardResult forward_autograd(c10::DispatchKeySet ks, const at::Tensor& x,
@@ -207,22 +238,37 @@ ForwardResult forward_autograd(c10::DispatchKeySet ks, const at::Tensor& x,
                                const OptionalTensor& layer_scale, const OptionalTensor& res_scale,
                                const OptionalTensor& sample_scale, int64_t num_groups,
                                int64_t pool_size, double eps) {
-  // Without a graph to record (inference, torch.no_grad, inputs that need no gradient)
-  // go straight to the kernel: Function::apply would still build a node, its context and
-  // the saved tensors, a few microseconds that a small late-stage call notices.
-  const bool record = at::GradMode::is_enabled() &&
-                      (x.requires_grad() || requires_grad(weight) || requires_grad(bias) ||
-                       requires_grad(layer_scale) || requires_grad(res_scale) ||
-                       requires_grad(sample_scale));
-  if (!record) {
+  // Forward-mode AD has no formula here: refuse it rather than drop the tangent.
+  TORCH_CHECK_NOT_IMPLEMENTED(
+      !(isFwGradDefined(x) || isFwGradDefined(weight) || isFwGradDefined(bias) ||
+        isFwGradDefined(layer_scale) || isFwGradDefined(res_scale) ||
+        isFwGradDefined(sample_scale)),
+      "pool_mixer: forward-mode AD (forward_ad, torch.func.jvp) is not supported");
+  // A graph is recorded exactly when an input requires grad (sample_scale included: it
+  // gets an edge, and no gradient, as an autograd.Function would give it).
+  c10::intrusive_ptr<PoolMixerBackward> node;
+  if (at::GradMode::is_enabled() &&
+      (x.requires_grad() || requires_grad(weight) || requires_grad(bias) ||
+       requires_grad(layer_scale) || requires_grad(res_scale) || requires_grad(sample_scale))) {
+    node = c10::make_intrusive<PoolMixerBackward>();
+    node->set_next_edges(collect_next_edges(x, weight, bias, layer_scale,
+                                                             res_scale, sample_scale));
+  }
+  auto result = [&] {
     at::AutoDispatchBelowADInplaceOrView guard;
     return forward_handle().redispatch(ks & c10::after_ADInplaceOrView_keyset, x, weight, bias,
                                        layer_scale, res_scale, sample_scale, num_groups,
                                        pool_size, eps);
+  }();
+  if (node) {
+    auto& [y, mean, rstd] = result;
+    // mean and rstd get no history: they are not differentiable outputs.
+    set_history(y, node);
+    node->save(x, mean, rstd, weight, bias, layer_scale, res_scale, sample_scale, num_groups,
+               pool_size, eps);
+    torch::autograd::fire_node_creation_hooks(node);
   }
-  auto out = PoolMixerFunction::apply(ks, x, weight, bias, layer_scale, res_scale, sample_scale,
-                                      num_groups, pool_size, eps);
-  return {out[0], out[1], out[2]};
+  return result;
 }
 
 }  // namespace

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <array>
 #include <optional>
@@ -52,6 +53,20 @@ using BackwardLauncher = void (*)(const BackwardProblem&);
 
 using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// The operators' signatures and typed dispatcher handles (csrc/autograd.cpp), for the
+// C++ callers that go through the dispatcher: the autograd kernels and the Python module.
+using ForwardSignature = ForwardResult(const at::Tensor&, const OptionalTensor&,
+                                       const OptionalTensor&, const OptionalTensor&,
+                                       const OptionalTensor&, const OptionalTensor&, int64_t,
+                                       int64_t, double);
+using BackwardSignature = BackwardResult(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const at::Tensor&, const OptionalTensor&,
+                                         const OptionalTensor&, const OptionalTensor&,
+                                         const OptionalTensor&, const OptionalTensor&, int64_t,
+                                         int64_t, double, std::array<bool, 5>);
+const c10::TypedOperatorHandle<ForwardSignature>& forward_handle();
+const c10::TypedOperatorHandle<BackwardSignature>& backward_handle();
 
 // The operators' bodies for one device type: check, lay out, allocate, launch.
 ForwardResult run_forward(const at::Tensor& x, const OptionalTensor& weight,

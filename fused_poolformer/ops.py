@@ -19,7 +19,7 @@ from . import contract, reference
 BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
 
 try:
-    from . import _C  # noqa: F401  (loading it registers torch.ops.fused_poolformer.*)
+    from . import _C  # loading it registers torch.ops.fused_poolformer.*
 
     EXTENSION_ERROR: Optional[BaseException] = None
 except ImportError as exc:  # not built, or built against another torch
@@ -47,7 +47,6 @@ if EXTENSION_ERROR is None:
     contract.register_fake_kernels("fused_poolformer::pool_mixer_forward", "fused_poolformer::pool_mixer_backward")
     CPP_FORWARD = torch.ops.fused_poolformer.pool_mixer_forward.default
     CPP_BACKWARD = torch.ops.fused_poolformer.pool_mixer_backward.default
-    _CPP_FORWARD_RAW = CPP_FORWARD._op  # the same operator without OpOverload's Python frame
 
 
 # ---------------------------------------------------------------------------------------
@@ -189,6 +188,10 @@ def pool_mixer(
         and type(pool_size) is int
         and type(eps) is float
     ):
+        if not torch.compiler.is_compiling():  # torch.compile traces the operator instead
+            y = _C.forward(x, weight, bias, layer_scale, res_scale, sample_scale, num_groups, pool_size, eps)
+            if y is not None:
+                return y
         return _call_cpp_forward(x, weight, bias, layer_scale, res_scale, sample_scale, num_groups, pool_size, eps)
     if not isinstance(x, Tensor):
         raise TypeError(f"pool_mixer: x must be a Tensor, got {type(x).__name__}")
@@ -208,11 +211,11 @@ def pool_mixer(
 
 
 def _call_cpp_forward(x, weight, bias, layer_scale, res_scale, sample_scale, num_groups, pool_size, eps):
-    """y of the C++ forward operator.  Outside torch.compile it is called through its raw
-    binding, which skips a Python frame; torch.compile needs the OpOverload."""
-    op = CPP_FORWARD if torch.compiler.is_compiling() else _CPP_FORWARD_RAW
+    """y of the C++ forward operator through torch.ops: what torch.compile traces, and what
+    serves the calls ``_C.forward`` leaves to it (tensor subclasses, __torch_function__
+    modes, arguments of the wrong type)."""
     try:
-        return op(x, weight, bias, layer_scale, res_scale, sample_scale, num_groups, pool_size, eps)[0]
+        return CPP_FORWARD(x, weight, bias, layer_scale, res_scale, sample_scale, num_groups, pool_size, eps)[0]
     except RuntimeError as exc:
         # torch's argument parser names the argument but raises RuntimeError for a wrong
         # type (a list for a tensor): make it the TypeError it is.

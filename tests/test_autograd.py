@@ -2,8 +2,9 @@
 (gradcheck, gradgradcheck in float64), opcheck of both operators with and without inputs
 that require grad, the backward's output mask, and which inputs get a gradient.
 
-The C++ operators' autograd lives in csrc/autograd.cpp (a torch::autograd::Function at the
-Autograd key); the Triton operators' in fused_poolformer/contract.py.
+The C++ operators' autograd lives in csrc/autograd.cpp (a hand-written autograd node,
+PoolMixerBackward, recorded by the Autograd kernel); the Triton operators' in
+fused_poolformer/contract.py.
 """
 
 import pytest
@@ -152,3 +153,60 @@ def test_triton_operator_called_directly_has_autograd(backend, device):
     expected = torch.autograd.grad(ref.pow(2).sum(), [x, kw["weight"], kw["layer_scale"]])
     for a, b in zip(grads, expected):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+# ---------------------------------------------------------------------------------------
+# The C++ autograd node behaves as autograd's own nodes do.
+
+
+@pytest.mark.parametrize("backend", CPP_BACKENDS)
+def test_node_records_one_edge_per_tensor_argument(backend, device):
+    x, kw = leaves((2, 4, 5, 5), False, ("weight", "layer_scale"), device=device)
+    y = fp.pool_mixer(x, kw["weight"], layer_scale=kw["layer_scale"], backend=backend)
+    assert y.grad_fn.name() == "PoolMixerBackward"
+    # x, weight, bias, layer_scale, res_scale, sample_scale; absent ones have no edge.
+    edges = [fn is not None for fn, _ in y.grad_fn.next_functions]
+    assert edges == [True, True, False, True, False, False]
+    with torch.no_grad():
+        assert fp.pool_mixer(x, kw["weight"], backend=backend).grad_fn is None
+
+
+@pytest.mark.parametrize("backend", CPP_BACKENDS)
+def test_second_backward_without_retain_graph_raises(backend, device):
+    x, kw = leaves((2, 4, 5, 5), False, ("weight",), device=device)
+    y = fp.pool_mixer(x, kw["weight"], backend=backend)
+    y.sum().backward()
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        y.sum().backward()
+
+
+@pytest.mark.parametrize("backend", CPP_BACKENDS)
+def test_retain_graph_gives_the_same_gradient_twice(backend, device):
+    x, kw = leaves((2, 4, 5, 5), False, ("weight", "layer_scale"), device=device)
+    y = fp.pool_mixer(x, kw["weight"], layer_scale=kw["layer_scale"], backend=backend)
+    grad_y = torch.randn_like(y)
+    first = torch.autograd.grad(y, [x, kw["weight"]], grad_y, retain_graph=True)
+    second = torch.autograd.grad(y, [x, kw["weight"]], grad_y)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", CPP_BACKENDS)
+def test_in_place_change_of_a_saved_input_is_detected(backend, device):
+    x, kw = leaves((2, 4, 5, 5), False, ("weight",), device=device)
+    h = x * 1.0  # a non-leaf that can be modified in place
+    y = fp.pool_mixer(h, kw["weight"], backend=backend)
+    h.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+@pytest.mark.parametrize("backend", CPP_BACKENDS)
+def test_forward_mode_ad_is_refused_not_dropped(backend, device):
+    import torch.autograd.forward_ad as fwAD
+
+    x, kw = make_inputs((2, 4, 5, 5), torch.float64, device=device)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, torch.randn_like(x))
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            fp.pool_mixer(dual, kw["weight"], backend=backend)

@@ -74,9 +74,67 @@ def test_no_python_runs_between_the_call_and_the_kernels():
         return frames, out
 
     forward_frames, y = python_frames(lambda: fp.pool_mixer(x, w))
-    assert set(forward_frames) <= {"pool_mixer", "_call_cpp_forward"}, forward_frames
+    assert forward_frames == ["pool_mixer"], forward_frames
     backward_frames, _ = python_frames(lambda: torch.autograd.grad(y, [x, w], torch.ones_like(y)))
     assert backward_frames == [], backward_frames
+
+
+class LoggingTensor(torch.Tensor):
+    """A tensor subclass whose __torch_function__ records what it is called with."""
+    calls = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        cls.calls.append(func)
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+class LoggingMode(torch.overrides.TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+@requires_cpu_kernels
+def test_fast_entry_leaves_subclasses_and_modes_to_torch_ops():
+    """pool_mixer's entry into C++ (fused_poolformer._C.forward) reads only plain tensors;
+    a tensor subclass or a __torch_function__ mode gets the call through torch.ops, so
+    its override sees the operator, and the result is the same."""
+    x, w = torch.randn(2, 4, 5, 5), torch.rand(4)
+    expected = fp.pool_mixer(x, w, num_groups=2)
+    forward_op = torch.ops.fused_poolformer.pool_mixer_forward.default
+
+    logged = x.as_subclass(LoggingTensor)
+    assert fp.ops._C.forward(logged, w, None, None, None, None, 2, 3, 1e-5) is None
+    LoggingTensor.calls.clear()
+    y = fp.pool_mixer(logged, w, num_groups=2)
+    assert forward_op in LoggingTensor.calls
+    torch.testing.assert_close(y.as_subclass(torch.Tensor), expected, rtol=0, atol=0)
+
+    with LoggingMode() as mode:
+        assert fp.ops._C.forward(x, w, None, None, None, None, 2, 3, 1e-5) is None
+        y = fp.pool_mixer(x, w, num_groups=2)
+    assert forward_op in mode.calls
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+
+    # A Parameter is a plain tensor to C++: it takes the fast entry.
+    assert torch.equal(fp.ops._C.forward(x, torch.nn.Parameter(w), None, None, None, None, 2, 3, 1e-5), expected)
+
+
+@requires_cpu_kernels
+@pytest.mark.parametrize("bad", [dict(weight=[1.0] * 4), dict(num_groups=2**70), dict(num_groups=True)],
+                         ids=["list", "huge-int", "bool"])
+def test_fast_entry_leaves_other_argument_types_to_the_checked_path(bad):
+    """What _C.forward does not read (a list for a tensor, an int beyond int64, a bool for
+    an int) still gets the checked path's TypeError / ValueError naming the argument."""
+    x = torch.randn(2, 4, 5, 5)
+    name = next(iter(bad))
+    with pytest.raises((TypeError, ValueError), match=name):
+        fp.pool_mixer(x, **{"num_groups": 2, **bad})
 
 
 def test_failed_library_load_warns_once_and_auto_falls_back():
