@@ -140,6 +140,24 @@ at::Tensor gradient_output(bool wanted, const OptionalTensor& param, const at::T
   return at::empty({x.size(1)}, x.options().dtype(present ? param->scalar_type() : x.scalar_type()));
 }
 
+// An empty tensor shaped and laid out like x whose allocation continues, 256-byte aligned,
+// with `tail_bytes` more bytes (at *tail): a call's workspace rides on its output.  The
+// tensor is an ordinary one -- storage offset 0, dense strides -- over a longer storage.
+at::Tensor empty_with_tail(const at::Tensor& x, at::MemoryFormat format, size_t tail_bytes,
+                           void** tail) {
+  constexpr size_t kAlign = 256;
+  const size_t item = x.element_size();
+  const size_t body = (static_cast<size_t>(x.numel()) * item + kAlign - 1) / kAlign * kAlign;
+  const auto items = static_cast<int64_t>((body + tail_bytes + item - 1) / item);
+  const at::Tensor flat = at::empty({items}, x.options());
+  auto impl = c10::make_intrusive<c10::TensorImpl>(c10::Storage(flat.storage()), flat.key_set(),
+                                                   flat.dtype());
+  impl->set_sizes_contiguous(x.sizes());
+  impl->empty_tensor_restride(format);
+  *tail = static_cast<char*>(flat.storage().mutable_data()) + body;
+  return at::Tensor(std::move(impl));
+}
+
 GradArg grad_arg(const at::Tensor& g) {
   GradArg arg;
   if (g.defined()) {
@@ -217,7 +235,8 @@ BackwardResult run_backward(const at::Tensor& grad_y_in, const at::Tensor& x_in,
                             const OptionalTensor& layer_scale, const OptionalTensor& res_scale,
                             const OptionalTensor& sample_scale, int64_t num_groups,
                             int64_t pool_size, double eps, std::array<bool, 5> output_mask,
-                            at::DeviceType device_type, BackwardLauncher launch) {
+                            at::DeviceType device_type, BackwardLauncher launch,
+                            BackwardWorkspace workspace) {
   check_backward_args(grad_y_in, x_in, mean_in, rstd_in, weight, bias, layer_scale, res_scale,
                       sample_scale, num_groups, pool_size, eps);
   check_device_type(x_in, device_type);
@@ -227,8 +246,17 @@ BackwardResult run_backward(const at::Tensor& grad_y_in, const at::Tensor& x_in,
   const at::Tensor x = x_in.contiguous(format);
   const at::Tensor grad_y = grad_y_in.contiguous(format);
   const at::Tensor mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
-  at::Tensor grad_x =
-      output_mask[0] ? at::empty(x.sizes(), x.options(), format) : at::Tensor();
+  const MixerShape shape = mixer_shape(x, num_groups, pool_size, channels_last);
+  // The launcher's workspace goes into grad_x's allocation; without grad_x (or with an
+  // empty x) the launcher allocates its own (or none).
+  const size_t workspace_bytes =
+      workspace != nullptr && output_mask[0] && x.numel() > 0 ? workspace(shape, x) : 0;
+  void* workspace_ptr = nullptr;
+  at::Tensor grad_x;
+  if (output_mask[0]) {
+    grad_x = workspace_bytes > 0 ? empty_with_tail(x, format, workspace_bytes, &workspace_ptr)
+                                 : at::empty(x.sizes(), x.options(), format);
+  }
   at::Tensor grad_weight = gradient_output(output_mask[1], weight, x);
   at::Tensor grad_bias = gradient_output(output_mask[2], bias, x);
   at::Tensor grad_layer_scale = gradient_output(output_mask[3], layer_scale, x);
@@ -241,11 +269,12 @@ BackwardResult run_backward(const at::Tensor& grad_y_in, const at::Tensor& x_in,
     return {grad_x, grad_weight, grad_bias, grad_layer_scale, grad_res_scale};
   }
   const BackwardProblem problem{
-      mixer_shape(x, num_groups, pool_size, channels_last),
+      shape,
       mixer_params(weight, layer_scale, res_scale, sample_scale),
       grad_y, x, mean, rstd, grad_x,
       ParamGrads{grad_arg(grad_weight), grad_arg(grad_bias), grad_arg(grad_layer_scale),
-                 grad_arg(grad_res_scale)}};
+                 grad_arg(grad_res_scale)},
+      workspace_ptr, workspace_bytes};
   launch(problem);
   return {grad_x, grad_weight, grad_bias, grad_layer_scale, grad_res_scale};
 }

@@ -1,5 +1,5 @@
-"""What only the CUDA backend has: CUDA graph capture and replay, tensors on a second
-device, tensors of more than 2**31 elements.
+"""What only the CUDA backend has: CUDA graph capture and replay, the allocation budget per
+call, tensors on a second device, tensors of more than 2**31 elements.
 Skipped without a GPU; the same properties of every backend are in the other files."""
 
 import pytest
@@ -45,6 +45,39 @@ def test_cuda_graph_capture_and_replay(channels_last):
     eager = step()
     for got, want in zip(captured, eager):
         assert torch.equal(got, want)
+
+
+def allocations(fn):
+    """aten::empty calls while fn runs (the CUDA caching allocator serves each)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.name == "aten::empty" for e in prof.events())
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_allocations_per_call(channels_last):
+    """Forward: y, mean, rstd and one workspace.  Backward: grad_x, which carries the
+    workspace in its own allocation (csrc/host.cpp, empty_with_tail), and one tensor per
+    requested parameter gradient -- 4 for timm's PoolFormer (weight, bias, layer_scale)."""
+    x, kw = make_inputs((4, 16, 14, 14), torch.float32, channels_last, seed=3, device="cuda")
+    x.requires_grad_(True)
+    params = [kw[n].clone().requires_grad_() for n in ("weight", "bias", "layer_scale")]
+    y = fp.pool_mixer(x, *params[:2], layer_scale=params[2], backend="cuda")
+    grad_y = torch.randn_like(y)
+    with torch.no_grad():
+        assert allocations(lambda: fp.pool_mixer(x, *params[:2], layer_scale=params[2], backend="cuda")) == 4
+    grads = []
+    assert allocations(lambda: grads.extend(torch.autograd.grad(y, [x, *params], grad_y, retain_graph=True))) == 4
+    dx = grads[0]
+    assert dx.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    assert dx.storage_offset() == 0 and dx.untyped_storage().nbytes() > dx.numel() * dx.element_size()
+    leaves64 = [t.detach().double().requires_grad_() for t in (x, *params)]
+    expected = torch.autograd.grad(
+        fp.reference.pool_mixer(leaves64[0], *leaves64[1:3], layer_scale=leaves64[3]), leaves64, grad_y.double())
+    for got, want in zip(grads, expected):
+        assert_close_to(got, want, torch.float32)
+    # Without grad_x the workspace is an allocation of its own.
+    assert allocations(lambda: torch.autograd.grad(y, params, grad_y, retain_graph=True)) == 4
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")

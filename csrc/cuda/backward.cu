@@ -17,7 +17,8 @@ FPM_FOR_EACH_DTYPE(FPM_EXTERN_DX)
 
 #define FPM_INSTANTIATE_BACKWARD(scalar_t, acc_t)                                                         \
   template void run_backward_kernels<scalar_t, acc_t>(const BackwardCall<scalar_t, acc_t>&, const DeviceLimits&, \
-                                                      void*, const WorkspaceAllocator&);
+                                                      void*, const WorkspaceAllocator&);                      \
+  template size_t backward_workspace_bytes<scalar_t, acc_t>(const MixerShape&, const DeviceLimits&);
 FPM_FOR_EACH_DTYPE(FPM_INSTANTIATE_BACKWARD)
 
 }  // namespace cuda_kernels

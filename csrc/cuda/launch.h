@@ -42,17 +42,37 @@ void run_forward_kernels(const ForwardCall<scalar_t, acc_t>& call, const DeviceL
   launch_tiles<scalar_t, acc_t, kApply>(tiles, a, stream);
 }
 
+// The backward's one workspace: partial sums of D * dy and of x * dy per (n, c, slot), then
+// S[n, g].
+inline size_t backward_partial_numel(const MixerShape& s, const TilePlan& sums) {
+  return static_cast<size_t>(s.N * s.C * sums.slots);
+}
+
+template <typename acc_t>
+size_t backward_workspace_bytes_for(const MixerShape& s, const TilePlan& sums) {
+  return sizeof(acc_t) * (2 * backward_partial_numel(s, sums) + static_cast<size_t>(s.N * s.G));
+}
+
+template <typename scalar_t, typename acc_t>
+TilePlan plan_backward_sums(const MixerShape& s, const DeviceLimits& dev) {
+  return plan_tiles(s, sizeof(scalar_t), sizeof(acc_t), kSums, kTileBlocksPerSM<scalar_t>, dev);
+}
+
+template <typename scalar_t, typename acc_t>
+size_t backward_workspace_bytes(const MixerShape& s, const DeviceLimits& dev) {
+  return backward_workspace_bytes_for<acc_t>(s, plan_backward_sums<scalar_t, acc_t>(s, dev));
+}
+
 template <typename scalar_t, typename acc_t>
 void run_backward_kernels(const BackwardCall<scalar_t, acc_t>& call, const DeviceLimits& dev, void* stream_handle,
                           const WorkspaceAllocator& allocate) {
   const simt::Stream stream = simt::to_stream(stream_handle);
   const MixerShape& s = call.shape;
   if (call.grad_x == nullptr && !call.grads.any()) return;
-  const TilePlan sums = plan_tiles(s, sizeof(scalar_t), sizeof(acc_t), kSums, kTileBlocksPerSM<scalar_t>, dev);
+  const TilePlan sums = plan_backward_sums<scalar_t, acc_t>(s, dev);
   const FoldPlan fold = plan_fold(s, sums.slots);
-  // One workspace: partial sums of D * dy and of x * dy per (n, c, slot), then S[n, g].
-  const size_t partial_numel = static_cast<size_t>(s.N * s.C * sums.slots);
-  auto* partial_d = static_cast<acc_t*>(allocate(sizeof(acc_t) * (2 * partial_numel + s.N * s.G)));
+  const size_t partial_numel = backward_partial_numel(s, sums);
+  auto* partial_d = static_cast<acc_t*>(allocate(backward_workspace_bytes_for<acc_t>(s, sums)));
   acc_t* partial_x = partial_d + partial_numel;
   acc_t* s_ng = partial_x + partial_numel;
 

@@ -37,14 +37,23 @@ DeviceLimits device_limits(int device) {
   return limits;
 }
 
-// The workspace: a byte tensor from the caching allocator, alive until the call returns
-// (the stream-ordered allocator keeps it valid for the kernels queued on the stream).
+// The workspace: the bytes the host prologue placed after grad_x's elements (a backward
+// that computes grad_x), or a byte tensor from the caching allocator, alive until the call
+// returns (the stream-ordered allocator keeps either valid for the kernels queued on the
+// stream).
 struct Workspace {
   at::Tensor holder;
   const at::Tensor& like;
+  void* preallocated = nullptr;
+  size_t preallocated_bytes = 0;
 
   static void* allocate(void* self, size_t bytes) {
     auto* w = static_cast<Workspace*>(self);
+    if (w->preallocated != nullptr) {
+      TORCH_INTERNAL_ASSERT(bytes <= w->preallocated_bytes, "pool_mixer: the CUDA backward asked for ",
+                            bytes, " workspace bytes, ", w->preallocated_bytes, " were planned");
+      return w->preallocated;
+    }
     w->holder = at::empty({static_cast<int64_t>(bytes)}, w->like.options().dtype(at::kByte));
     return w->holder.mutable_data_ptr();
   }
@@ -71,8 +80,14 @@ void launch_backward(const BackwardProblem& p) {
         p.shape, p.params, p.grads, p.grad_y.const_data_ptr<scalar_t>(), p.x.const_data_ptr<scalar_t>(),
         p.mean.const_data_ptr<acc_t>(), p.rstd.const_data_ptr<acc_t>(),
         p.grad_x.defined() ? p.grad_x.mutable_data_ptr<scalar_t>() : nullptr};
-    Workspace workspace{at::Tensor(), p.x};
+    Workspace workspace{at::Tensor(), p.x, p.workspace, p.workspace_bytes};
     run_backward_kernels(call, device_limits(p.x.device().index()), current_stream(), workspace.allocator());
+  });
+}
+
+size_t backward_workspace(const MixerShape& shape, const at::Tensor& x) {
+  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pool_mixer_backward_cuda", [&] {
+    return backward_workspace_bytes<scalar_t, at::opmath_type<scalar_t>>(shape, device_limits(x.device().index()));
   });
 }
 
@@ -91,7 +106,7 @@ BackwardResult pool_mixer_backward_cuda(const at::Tensor& grad_y, const at::Tens
                                         int64_t num_groups, int64_t pool_size, double eps,
                                         std::array<bool, 5> output_mask) {
   return run_backward(grad_y, x, mean, rstd, weight, bias, layer_scale, res_scale, sample_scale, num_groups,
-                      pool_size, eps, output_mask, at::kCUDA, &launch_backward);
+                      pool_size, eps, output_mask, at::kCUDA, &launch_backward, &backward_workspace);
 }
 
 }  // namespace
