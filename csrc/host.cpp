@@ -158,6 +158,23 @@ at::Tensor empty_with_tail(const at::Tensor& x, at::MemoryFormat format, size_t 
   return at::Tensor(std::move(impl));
 }
 
+// A call's main output (y, grad_x) and the launcher's workspace in its allocation.
+struct OutputWithWorkspace {
+  at::Tensor tensor;
+  void* workspace = nullptr;
+  size_t workspace_bytes = 0;
+};
+
+OutputWithWorkspace empty_output(const at::Tensor& x, at::MemoryFormat format,
+                                 const MixerShape& shape, WorkspaceQuery query) {
+  OutputWithWorkspace out;
+  out.workspace_bytes = query != nullptr && x.numel() > 0 ? query(shape, x) : 0;
+  out.tensor = out.workspace_bytes > 0
+                   ? empty_with_tail(x, format, out.workspace_bytes, &out.workspace)
+                   : at::empty(x.sizes(), x.options(), format);
+  return out;
+}
+
 GradArg grad_arg(const at::Tensor& g) {
   GradArg arg;
   if (g.defined()) {
@@ -203,14 +220,17 @@ ForwardResult run_forward(const at::Tensor& x_in, const OptionalTensor& weight,
                           const OptionalTensor& bias, const OptionalTensor& layer_scale,
                           const OptionalTensor& res_scale, const OptionalTensor& sample_scale,
                           int64_t num_groups, int64_t pool_size, double eps,
-                          at::DeviceType device_type, ForwardLauncher launch) {
+                          at::DeviceType device_type, ForwardLauncher launch,
+                          WorkspaceQuery workspace) {
   check_forward_args(x_in, weight, bias, layer_scale, res_scale, sample_scale, num_groups,
                      pool_size, eps);
   check_device_type(x_in, device_type);
   const c10::DeviceGuard device_guard(x_in.device());
   const bool channels_last = use_channels_last(x_in);
   const at::Tensor x = x_in.contiguous(memory_format(channels_last));
-  at::Tensor y = at::empty(x.sizes(), x.options(), memory_format(channels_last));
+  const MixerShape shape = mixer_shape(x, num_groups, pool_size, channels_last);
+  auto [y, workspace_ptr, workspace_bytes] =
+      empty_output(x, memory_format(channels_last), shape, workspace);
   const auto stat_options = x.options().dtype(accumulate_type(x.scalar_type()));
   at::Tensor mean = at::empty({x.size(0), num_groups}, stat_options);
   at::Tensor rstd = at::empty({x.size(0), num_groups}, stat_options);
@@ -222,9 +242,9 @@ ForwardResult run_forward(const at::Tensor& x_in, const OptionalTensor& weight,
     }
     return {y, mean, rstd};
   }
-  const ForwardProblem problem{mixer_shape(x, num_groups, pool_size, channels_last),
+  const ForwardProblem problem{shape,
                                mixer_params(weight, layer_scale, res_scale, sample_scale),
-                               x, y, mean, rstd, eps};
+                               x, y, mean, rstd, eps, workspace_ptr, workspace_bytes};
   launch(problem);
   return {y, mean, rstd};
 }
@@ -236,7 +256,7 @@ BackwardResult run_backward(const at::Tensor& grad_y_in, const at::Tensor& x_in,
                             const OptionalTensor& sample_scale, int64_t num_groups,
                             int64_t pool_size, double eps, std::array<bool, 5> output_mask,
                             at::DeviceType device_type, BackwardLauncher launch,
-                            BackwardWorkspace workspace) {
+                            WorkspaceQuery workspace) {
   check_backward_args(grad_y_in, x_in, mean_in, rstd_in, weight, bias, layer_scale, res_scale,
                       sample_scale, num_groups, pool_size, eps);
   check_device_type(x_in, device_type);
@@ -247,16 +267,10 @@ BackwardResult run_backward(const at::Tensor& grad_y_in, const at::Tensor& x_in,
   const at::Tensor grad_y = grad_y_in.contiguous(format);
   const at::Tensor mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
   const MixerShape shape = mixer_shape(x, num_groups, pool_size, channels_last);
-  // The launcher's workspace goes into grad_x's allocation; without grad_x (or with an
-  // empty x) the launcher allocates its own (or none).
-  const size_t workspace_bytes =
-      workspace != nullptr && output_mask[0] && x.numel() > 0 ? workspace(shape, x) : 0;
-  void* workspace_ptr = nullptr;
-  at::Tensor grad_x;
-  if (output_mask[0]) {
-    grad_x = workspace_bytes > 0 ? empty_with_tail(x, format, workspace_bytes, &workspace_ptr)
-                                 : at::empty(x.sizes(), x.options(), format);
-  }
+  // The launcher's workspace goes into grad_x's allocation; without grad_x the launcher
+  // allocates its own.
+  auto [grad_x, workspace_ptr, workspace_bytes] =
+      output_mask[0] ? empty_output(x, format, shape, workspace) : OutputWithWorkspace{};
   at::Tensor grad_weight = gradient_output(output_mask[1], weight, x);
   at::Tensor grad_bias = gradient_output(output_mask[2], bias, x);
   at::Tensor grad_layer_scale = gradient_output(output_mask[3], layer_scale, x);

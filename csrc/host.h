@@ -33,6 +33,10 @@ struct ForwardProblem {
   at::Tensor& mean;
   at::Tensor& rstd;
   double eps;
+  // The launcher's scratch memory when it asked for some (WorkspaceQuery): workspace_bytes
+  // bytes after y's elements, in y's allocation.
+  void* workspace = nullptr;
+  size_t workspace_bytes = 0;
 };
 
 // What a backward launcher gets.  grad_y and x are dense in the same layout, grad_x (when
@@ -46,7 +50,7 @@ struct BackwardProblem {
   const at::Tensor& rstd;
   at::Tensor& grad_x;  // undefined when not requested
   ParamGrads grads;
-  // The launcher's scratch memory when it asked for some (BackwardWorkspace) and grad_x is
+  // The launcher's scratch memory when it asked for some (WorkspaceQuery) and grad_x is
   // requested: workspace_bytes bytes after grad_x's elements, in grad_x's allocation.
   void* workspace = nullptr;
   size_t workspace_bytes = 0;
@@ -54,10 +58,10 @@ struct BackwardProblem {
 
 using ForwardLauncher = void (*)(const ForwardProblem&);
 using BackwardLauncher = void (*)(const BackwardProblem&);
-// The bytes of scratch memory a backward launcher will need for this problem (the CUDA
-// one; the CPU kernels need none): run_backward then allocates them with grad_x, so that a
-// call makes one allocation fewer.
-using BackwardWorkspace = size_t (*)(const MixerShape&, const at::Tensor& x);
+// The bytes of scratch memory a launcher will need for this problem (the CUDA ones; the CPU
+// kernels need none): run_forward / run_backward then allocate them with y / grad_x, so that
+// a call makes one allocation fewer.
+using WorkspaceQuery = size_t (*)(const MixerShape&, const at::Tensor& x);
 
 using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
@@ -81,7 +85,8 @@ ForwardResult run_forward(const at::Tensor& x, const OptionalTensor& weight,
                           const OptionalTensor& bias, const OptionalTensor& layer_scale,
                           const OptionalTensor& res_scale, const OptionalTensor& sample_scale,
                           int64_t num_groups, int64_t pool_size, double eps,
-                          at::DeviceType device_type, ForwardLauncher launch);
+                          at::DeviceType device_type, ForwardLauncher launch,
+                          WorkspaceQuery workspace = nullptr);
 
 BackwardResult run_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mean,
                             const at::Tensor& rstd, const OptionalTensor& weight,
@@ -89,7 +94,7 @@ BackwardResult run_backward(const at::Tensor& grad_y, const at::Tensor& x, const
                             const OptionalTensor& res_scale, const OptionalTensor& sample_scale,
                             int64_t num_groups, int64_t pool_size, double eps,
                             std::array<bool, 5> output_mask, at::DeviceType device_type,
-                            BackwardLauncher launch, BackwardWorkspace workspace = nullptr);
+                            BackwardLauncher launch, WorkspaceQuery workspace = nullptr);
 
 // Argument checks, shared by the operators and the differentiable (double-backward) path.
 void check_forward_args(const at::Tensor& x, const OptionalTensor& weight,

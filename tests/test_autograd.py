@@ -210,3 +210,33 @@ def test_forward_mode_ad_is_refused_not_dropped(backend, device):
         dual = fwAD.make_dual(x, torch.randn_like(x))
         with pytest.raises(NotImplementedError, match="forward-mode AD"):
             fp.pool_mixer(dual, kw["weight"], backend=backend)
+
+
+@pytest.mark.parametrize("backend", CPP_BACKENDS)
+@pytest.mark.parametrize("use_reentrant", [False, True], ids=["hooks", "reentrant"])
+def test_activation_checkpointing_gives_the_same_gradients(backend, device, use_reentrant):
+    """torch.utils.checkpoint (timm's set_grad_checkpointing): the non-reentrant form packs
+    the node's saved tensors through saved-tensor hooks, the reentrant one reruns the forward
+    inside the backward."""
+    from torch.utils.checkpoint import checkpoint
+
+    x, kw = leaves((2, 4, 5, 5), False, ("weight", "bias", "layer_scale"), device=device)
+
+    def block(h):
+        return fp.pool_mixer(h * 1.5, kw["weight"], kw["bias"], layer_scale=kw["layer_scale"], num_groups=2,
+                             backend=backend).tanh()
+
+    grad_y = torch.randn_like(x)
+    leaves_ = [x, kw["weight"], kw["bias"], kw["layer_scale"]]
+
+    def gradients(y):  # through .backward(): the reentrant form does not support .grad()
+        y.backward(grad_y)
+        out = [t.grad for t in leaves_]
+        for t in leaves_:
+            t.grad = None
+        return out
+
+    plain = gradients(block(x))
+    checkpointed = gradients(checkpoint(block, x, use_reentrant=use_reentrant))
+    for a, b in zip(checkpointed, plain):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -56,16 +56,18 @@ def allocations(fn):
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 def test_allocations_per_call(channels_last):
-    """Forward: y, mean, rstd and one workspace.  Backward: grad_x, which carries the
-    workspace in its own allocation (csrc/host.cpp, empty_with_tail), and one tensor per
-    requested parameter gradient -- 4 for timm's PoolFormer (weight, bias, layer_scale)."""
+    """Forward: y, which carries the call's workspace in its own allocation (csrc/host.cpp,
+    empty_with_tail), mean and rstd.  Backward: grad_x, which carries that call's workspace,
+    and one tensor per requested parameter gradient -- 4 for timm's PoolFormer (weight,
+    bias, layer_scale)."""
     x, kw = make_inputs((4, 16, 14, 14), torch.float32, channels_last, seed=3, device="cuda")
     x.requires_grad_(True)
     params = [kw[n].clone().requires_grad_() for n in ("weight", "bias", "layer_scale")]
     y = fp.pool_mixer(x, *params[:2], layer_scale=params[2], backend="cuda")
     grad_y = torch.randn_like(y)
     with torch.no_grad():
-        assert allocations(lambda: fp.pool_mixer(x, *params[:2], layer_scale=params[2], backend="cuda")) == 4
+        assert allocations(lambda: fp.pool_mixer(x, *params[:2], layer_scale=params[2], backend="cuda")) == 3
+    assert y.storage_offset() == 0 and y.untyped_storage().nbytes() > y.numel() * y.element_size()
     grads = []
     assert allocations(lambda: grads.extend(torch.autograd.grad(y, [x, *params], grad_y, retain_graph=True))) == 4
     dx = grads[0]

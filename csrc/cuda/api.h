@@ -58,8 +58,11 @@ template <typename scalar_t, typename acc_t>
 void run_backward_kernels(const BackwardCall<scalar_t, acc_t>& call, const DeviceLimits& dev, void* stream,
                           const WorkspaceAllocator& allocate);
 
-// The bytes run_backward_kernels asks `allocate` for, known before the call so that the
-// caller can place the workspace in grad_x's allocation (one allocation fewer per call).
+// The bytes run_forward_kernels / run_backward_kernels ask `allocate` for, known before the
+// call so that the caller can place the workspace in y's / grad_x's allocation (one
+// allocation fewer per call).
+template <typename scalar_t, typename acc_t>
+size_t forward_workspace_bytes(const MixerShape& shape, const DeviceLimits& dev);
 template <typename scalar_t, typename acc_t>
 size_t backward_workspace_bytes(const MixerShape& shape, const DeviceLimits& dev);
 

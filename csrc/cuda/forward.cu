@@ -11,7 +11,8 @@ namespace cuda_kernels {
 
 #define FPM_INSTANTIATE_FORWARD(scalar_t, acc_t)                                                        \
   template void run_forward_kernels<scalar_t, acc_t>(const ForwardCall<scalar_t, acc_t>&, const DeviceLimits&, \
-                                                     void*, const WorkspaceAllocator&);
+                                                     void*, const WorkspaceAllocator&);                      \
+  template size_t forward_workspace_bytes<scalar_t, acc_t>(const MixerShape&, const DeviceLimits&);
 FPM_FOR_EACH_DTYPE(FPM_INSTANTIATE_FORWARD)
 
 }  // namespace cuda_kernels

@@ -19,6 +19,17 @@ void launch_tiles(const TilePlan& p, const TileArgs<scalar_t, acc_t>& a, simt::S
                p.blocks, static_cast<size_t>(p.smem_bytes), stream, p, a);
 }
 
+// The forward's one workspace: the statistics kernel's Welford partials per (group, block).
+template <typename acc_t>
+size_t forward_workspace_bytes_for(const StatsPlan& stats) {
+  return sizeof(WelfordData<acc_t>) * static_cast<size_t>(stats.groups * stats.blocks_per_group);
+}
+
+template <typename scalar_t, typename acc_t>
+size_t forward_workspace_bytes(const MixerShape& s, const DeviceLimits& dev) {
+  return forward_workspace_bytes_for<acc_t>(plan_statistics(s, sizeof(scalar_t), dev));
+}
+
 template <typename scalar_t, typename acc_t>
 void run_forward_kernels(const ForwardCall<scalar_t, acc_t>& call, const DeviceLimits& dev, void* stream_handle,
                          const WorkspaceAllocator& allocate) {
@@ -26,8 +37,7 @@ void run_forward_kernels(const ForwardCall<scalar_t, acc_t>& call, const DeviceL
   const MixerShape& s = call.shape;
   const StatsPlan stats = plan_statistics(s, sizeof(scalar_t), dev);
   const TilePlan tiles = plan_tiles(s, sizeof(scalar_t), sizeof(acc_t), kApply, kTileBlocksPerSM<scalar_t>, dev);
-  auto* partials = static_cast<WelfordData<acc_t>*>(
-      allocate(sizeof(WelfordData<acc_t>) * static_cast<size_t>(stats.groups * stats.blocks_per_group)));
+  auto* partials = static_cast<WelfordData<acc_t>*>(allocate(forward_workspace_bytes_for<acc_t>(stats)));
   simt::launch(&stats_kernel<scalar_t, acc_t>, stats.blocks, stats_smem_bytes<acc_t>(), stream, call.x,
                stats, partials);
   TileArgs<scalar_t, acc_t> a;

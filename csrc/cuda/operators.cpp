@@ -37,8 +37,8 @@ DeviceLimits device_limits(int device) {
   return limits;
 }
 
-// The workspace: the bytes the host prologue placed after grad_x's elements (a backward
-// that computes grad_x), or a byte tensor from the caching allocator, alive until the call
+// The workspace: the bytes the host prologue placed after y's or grad_x's elements, or
+// (a backward without grad_x) a byte tensor from the caching allocator, alive until the call
 // returns (the stream-ordered allocator keeps either valid for the kernels queued on the
 // stream).
 struct Workspace {
@@ -50,7 +50,7 @@ struct Workspace {
   static void* allocate(void* self, size_t bytes) {
     auto* w = static_cast<Workspace*>(self);
     if (w->preallocated != nullptr) {
-      TORCH_INTERNAL_ASSERT(bytes <= w->preallocated_bytes, "pool_mixer: the CUDA backward asked for ",
+      TORCH_INTERNAL_ASSERT(bytes <= w->preallocated_bytes, "pool_mixer: a CUDA launcher asked for ",
                             bytes, " workspace bytes, ", w->preallocated_bytes, " were planned");
       return w->preallocated;
     }
@@ -68,7 +68,7 @@ void launch_forward(const ForwardProblem& p) {
     const ForwardCall<scalar_t, acc_t> call{p.shape, p.params, p.eps, p.x.const_data_ptr<scalar_t>(),
                                             p.y.mutable_data_ptr<scalar_t>(), p.mean.mutable_data_ptr<acc_t>(),
                                             p.rstd.mutable_data_ptr<acc_t>()};
-    Workspace workspace{at::Tensor(), p.x};
+    Workspace workspace{at::Tensor(), p.x, p.workspace, p.workspace_bytes};
     run_forward_kernels(call, device_limits(p.x.device().index()), current_stream(), workspace.allocator());
   });
 }
@@ -85,6 +85,12 @@ void launch_backward(const BackwardProblem& p) {
   });
 }
 
+size_t forward_workspace(const MixerShape& shape, const at::Tensor& x) {
+  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pool_mixer_forward_cuda", [&] {
+    return forward_workspace_bytes<scalar_t, at::opmath_type<scalar_t>>(shape, device_limits(x.device().index()));
+  });
+}
+
 size_t backward_workspace(const MixerShape& shape, const at::Tensor& x) {
   return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pool_mixer_backward_cuda", [&] {
     return backward_workspace_bytes<scalar_t, at::opmath_type<scalar_t>>(shape, device_limits(x.device().index()));
@@ -96,7 +102,7 @@ ForwardResult pool_mixer_forward_cuda(const at::Tensor& x, const OptionalTensor&
                                       const OptionalTensor& sample_scale, int64_t num_groups, int64_t pool_size,
                                       double eps) {
   return run_forward(x, weight, bias, layer_scale, res_scale, sample_scale, num_groups, pool_size, eps,
-                     at::kCUDA, &launch_forward);
+                     at::kCUDA, &launch_forward, &forward_workspace);
 }
 
 BackwardResult pool_mixer_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mean,
