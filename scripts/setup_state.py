@@ -11,9 +11,10 @@
 The stamp lists what the built extension depends on, one item a line: a digest of every
 file under csrc/ and of setup.py and pyproject.toml, the torch and Python versions, the
 build switches setup.py reads from the environment (every FUSED_POOLFORMER_* variable,
-CUDA_HOME, CUDA_PATH, TORCH_CUDA_ARCH_LIST and the compiler variables) and the nvcc on
-PATH (with FUSED_POOLFORMER_CUDA unset, setup.py builds the CUDA kernels wherever it finds
-one).  Delete the stamp to force a build.
+CUDA_HOME, CUDA_PATH, TORCH_CUDA_ARCH_LIST and the compiler variables), the nvcc on PATH,
+and -- instead of FUSED_POOLFORMER_CUDA itself -- whether that makes setup.py compile the
+CUDA kernels (unset, it does wherever it finds a toolkit, as "1" does).  Delete the stamp
+to force a build.
 """
 
 import glob
@@ -67,15 +68,31 @@ def sources_digest(root: str) -> str:
     return digest.hexdigest()
 
 
+def cuda_kernels(environ: Dict[str, str], nvcc: str) -> str:
+    """Whether setup.py compiles the CUDA kernels (its want_cuda): FUSED_POOLFORMER_CUDA "0"
+    never, "1" always, anything else (unset included) wherever it finds a toolkit.  Recorded
+    instead of the variable itself, so that CI's FUSED_POOLFORMER_CUDA=1 and
+    scripts/bench.sh's unset variable are one build on a machine with nvcc."""
+    flag = environ.get("FUSED_POOLFORMER_CUDA", "").strip()
+    if flag in ("0", "1"):
+        return "on" if flag == "1" else "off"
+    roots = [environ.get(k) for k in ("CUDA_HOME", "CUDA_PATH") if environ.get(k)]
+    found = nvcc != "none" or any(os.path.exists(os.path.join(r, "bin", "nvcc")) for r in roots)
+    return "on" if found else "off"
+
+
 def build_inputs(root: str, environ: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     """What the extension built in ``root`` depends on, as name -> value."""
     environ = os.environ if environ is None else environ
-    switches = sorted(k for k in environ if k.startswith("FUSED_POOLFORMER_")) + list(BUILD_VARIABLES)
+    switches = sorted(k for k in environ if k.startswith("FUSED_POOLFORMER_") and k != "FUSED_POOLFORMER_CUDA")
+    switches += list(BUILD_VARIABLES)
+    nvcc = shutil.which("nvcc", path=environ.get("PATH", "")) or "none"
     inputs = {
         "sources": sources_digest(root),
         "torch": installed_version("torch") or "not installed",
         "python": sys.version.split()[0],
-        "nvcc": shutil.which("nvcc", path=environ.get("PATH", "")) or "none",
+        "nvcc": nvcc,
+        "cuda kernels": cuda_kernels(environ, nvcc),
     }
     inputs.update({f"env {k}": environ.get(k, "<unset>") for k in switches})
     return inputs

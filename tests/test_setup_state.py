@@ -82,7 +82,7 @@ def test_a_fresh_stamp_has_no_reasons(checkout, tmp_path):
 
 
 @pytest.mark.parametrize("change,expected", [
-    (dict(FUSED_POOLFORMER_CUDA="1"), "env FUSED_POOLFORMER_CUDA: 0 -> 1"),
+    (dict(FUSED_POOLFORMER_CUDA="1"), "cuda kernels: off -> on"),
     (dict(FUSED_POOLFORMER_NATIVE="0"), "env FUSED_POOLFORMER_NATIVE: <absent> -> 0"),
     (dict(TORCH_CUDA_ARCH_LIST="9.0"), "env TORCH_CUDA_ARCH_LIST: <unset> -> 9.0"),
     (dict(CUDA_HOME="/opt/cuda"), "env CUDA_HOME: <unset> -> /opt/cuda"),
@@ -102,6 +102,30 @@ def test_nvcc_appearing_on_path_makes_the_stamp_stale(checkout, tmp_path):
     nvcc.write_text("#!/bin/sh\n")
     nvcc.chmod(nvcc.stat().st_mode | stat.S_IEXEC)
     assert setup_state.stale_reasons(stamp, checkout, dict(BASE_ENV, PATH=str(bin_dir))) == [f"nvcc: none -> {nvcc}"]
+
+
+def test_cuda_switch_counts_by_what_setup_py_builds(checkout, tmp_path):
+    """FUSED_POOLFORMER_CUDA=1 (CI) and the variable unset (scripts/bench.sh) build the same
+    extension where nvcc is on PATH: one stamp serves both; "0" does not."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    nvcc = bin_dir / "nvcc"
+    nvcc.write_text("#!/bin/sh\n")
+    nvcc.chmod(nvcc.stat().st_mode | stat.S_IEXEC)
+    with_nvcc = {"PATH": str(bin_dir), "HOME": "/root"}
+    stamp = stamp_for(checkout, tmp_path, dict(with_nvcc, FUSED_POOLFORMER_CUDA="1"))
+    assert setup_state.stale_reasons(stamp, checkout, with_nvcc) == []
+    assert setup_state.stale_reasons(stamp, checkout, dict(with_nvcc, FUSED_POOLFORMER_CUDA="0")) == [
+        "cuda kernels: on -> off"]
+    # Without nvcc anywhere, unset means no CUDA kernels, as "0" does.
+    no_nvcc = {"PATH": "/nonexistent", "HOME": "/root"}
+    stamp = stamp_for(checkout, tmp_path, dict(no_nvcc, FUSED_POOLFORMER_CUDA="0"))
+    assert setup_state.stale_reasons(stamp, checkout, no_nvcc) == []
+    toolkit = tmp_path / "toolkit"
+    (toolkit / "bin").mkdir(parents=True)
+    (toolkit / "bin" / "nvcc").write_text("")
+    assert setup_state.stale_reasons(stamp, checkout, dict(no_nvcc, CUDA_HOME=str(toolkit))) == [
+        "cuda kernels: off -> on", f"env CUDA_HOME: <unset> -> {toolkit}"]
 
 
 def test_another_torch_or_source_makes_the_stamp_stale(checkout, tmp_path, monkeypatch):
@@ -148,7 +172,7 @@ def test_command_line_write_then_fresh(tmp_path):
     assert fresh.returncode == 0 and fresh.stdout == ""
     stale = run_state("fresh", stamp, FUSED_POOLFORMER_CUDA="1")
     assert stale.returncode == 1
-    assert stale.stdout == "fused_poolformer: build needed: env FUSED_POOLFORMER_CUDA: 0 -> 1\n"
+    assert stale.stdout == "fused_poolformer: build needed: cuda kernels: off -> on\n"
     assert run_state("bogus").returncode == 2
 
 
