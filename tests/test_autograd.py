@@ -14,7 +14,7 @@ from torch.autograd import gradcheck, gradgradcheck
 import fused_poolformer as fp
 from fused_poolformer import ops
 from helpers import (CPP_BACKENDS, CPU_KERNELS, DIFFERENTIABLE, FUSED, FUSED_OR_INTERPRETED, OPTION_NAMES,
-                     backend_params, call, make_inputs, opcheck_forward_and_backward, with_backend)
+                     backend_params, call, make_inputs, opcheck_forward_and_backward, random_like, with_backend)
 
 CL = pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 
@@ -92,15 +92,16 @@ def test_backward_operator_returns_only_requested_gradients(backend, device):
     x, kw = make_inputs((2, 4, 5, 6), torch.float32, device=device)
     args = (x, kw["weight"], kw["bias"], kw["layer_scale"], kw["res_scale"], kw["sample_scale"], 2, 3, 1e-5)
     y, mean, rstd = torch.ops.fused_poolformer.pool_mixer_forward(*args)
-    common = (torch.randn_like(y), x, mean, rstd, kw["weight"], kw["bias"], kw["layer_scale"], kw["res_scale"],
+    common = (random_like(y, 5), x, mean, rstd, kw["weight"], kw["bias"], kw["layer_scale"], kw["res_scale"],
               kw["sample_scale"], 2, 3, 1e-5)
     full = torch.ops.fused_poolformer.pool_mixer_backward(*common, [True] * 5)
     part = torch.ops.fused_poolformer.pool_mixer_backward(*common, [False, True, True, False, False])
     assert part[0] is None and part[3] is None and part[4] is None
     # Same value; not always the same bits: the CPU sums pass that also folds x * dy (for
     # the res_scale gradient) is a separately compiled variant, whose FMA contraction the
-    # compiler may choose differently.
-    torch.testing.assert_close(part[1], full[1], rtol=1e-6, atol=0)
+    # compiler may choose differently.  A channel's sum can cancel to a small value, so the
+    # rounding is measured against the largest gradient, not each element's own size.
+    torch.testing.assert_close(part[1], full[1], rtol=1e-6, atol=1e-5 * full[1].abs().max().item())
     zeros = torch.zeros(4, device=device)
     assert torch.equal(part[2], zeros) and torch.equal(full[2], zeros)
 
