@@ -251,8 +251,8 @@ ForwardResult forward_autograd(c10::DispatchKeySet ks, const at::Tensor& x,
       (x.requires_grad() || requires_grad(weight) || requires_grad(bias) ||
        requires_grad(layer_scale) || requires_grad(res_scale) || requires_grad(sample_scale))) {
     node = c10::make_intrusive<PoolMixerBackward>();
-    node->set_next_edges(collect_next_edges(x, weight, bias, layer_scale,
-                                                             res_scale, sample_scale));
+    node->set_next_edges(
+        collect_next_edges(x, weight, bias, layer_scale, res_scale, sample_scale));
   }
   auto result = [&] {
     at::AutoDispatchBelowADInplaceOrView guard;
