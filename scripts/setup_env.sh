@@ -18,7 +18,7 @@ source .venv/bin/activate
 STATE="python scripts/setup_state.py"
 STAMP=".venv/fused_poolformer-build.stamp"
 # torch is among them: the extension is compiled against it (--no-build-isolation below).
-NEEDED="$($STATE missing "torch>=2.6" "setuptools>=64" wheel ninja numpy pytest hypothesis psutil timm matplotlib)"
+NEEDED="$($STATE missing "torch>=2.6" "setuptools>=64" wheel ninja numpy pytest hypothesis psutil timm matplotlib onnx onnxscript onnxruntime)"
 # shellcheck disable=SC2086  # word splitting of the requirement list is intended
 if [ -n "$NEEDED" ]; then python -m pip install -q $NEEDED; fi
 # fvcore is optional; where it cannot be installed (offline), do not try again every run.

@@ -1,0 +1,314 @@
+"""ONNX export of models holding the fused operators (the ``torch.onnx.export(dynamo=True)`` path).
+
+The ONNX exporter translates every operator of a ``torch.export`` graph to ONNX through a
+registry of onnxscript functions; it has none for this package's operators.
+:func:`onnx_translation_table` returns the entries to pass as
+
+    torch.onnx.export(model, args, dynamo=True, custom_translation_table=onnx_translation_table())
+
+Each entry writes the operator as standard ONNX operators that ONNX Runtime and TensorRT
+run natively, nothing custom:
+
+    GroupNorm without affine   LayerNormalization(axis=1) for one group (opset 17+); for G
+                               groups the same over a (N, G, C/G*H*W) reshape; at opset 21+
+                               GroupNormalization-21 instead
+    pool minus input           AveragePool(k, strides 1, pads k//2, count_include_pad=0), Sub
+    scales and residual        Mul by weight*layer_scale (per channel), by sample_scale (per
+                               sample), Add res_scale*x
+
+The GroupNorm affine enters only through its weight, folded into the layer-scale multiply:
+a per-channel factor commutes with the pool, and the bias, a per-channel constant, cancels
+in Pool(n) - n (docs/math.md section 2), as it does in the fused kernels.  Half-precision
+inputs are computed in float32 and the output cast back once, as the kernels do (ONNX
+Runtime's CPU provider has no bfloat16 AveragePool); the (N, G) mean and rstd outputs come
+in float32, as the operator's contract says.  float64 inputs are refused (TypeError): ONNX
+Runtime's CPU provider has no float64 AveragePool and TensorRT no float64 at all.
+
+:func:`export` is ``torch.onnx.export`` with the table, after checking the model: a fused
+block whose call the table cannot express -- drop path active in training mode (its mask is
+random), or an operator of a backend the table does not cover -- raises ``ValueError``
+naming the block, instead of exporting a graph that computes something else.  (Called
+directly, ``torch.onnx.export`` exports a training-mode drop path as ONNX random operators,
+with its usual warning about training mode: the translation sees only the mask's values.)
+
+To translate another operator (a whole-block fused operator, say): write its translation
+function, taking the operator's arguments in schema order and returning its outputs, and
+add one ``(operator name, function)`` line to ``_TRANSLATIONS``.
+"""
+
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+from . import ops
+from .modules import FusedMetaFormerBlock, FusedPoolFormerBlock, FusedPoolMixer
+
+__all__ = ["check_exportable", "export", "onnx_translation_table", "translate_pool_mixer_forward"]
+
+# The opset whose GroupNormalization takes per-channel scale and bias (GroupNormalization-18
+# took them per group and is deprecated); below it the LayerNormalization form is written.
+GROUP_NORMALIZATION_OPSET = 21
+
+# The modules whose own forward calls a fused operator: export() checks the operators they call.
+FUSED_BLOCK_TYPES = (FusedPoolMixer, FusedMetaFormerBlock, FusedPoolFormerBlock)
+# Namespaces whose operators the exporter translates itself.
+_EXPORTER_NAMESPACES = frozenset({"aten", "prims"})
+
+
+def _onnxscript():
+    """onnxscript and its IR, imported on first use: they are optional dependencies."""
+    import onnxscript
+    from onnxscript import ir
+
+    return onnxscript, ir
+
+
+# ---------------------------------------------------------------------------------------
+# The translation of pool_mixer_forward (C++ and Triton operators: one schema).
+
+
+def translate_pool_mixer_forward(x, weight, bias, layer_scale, res_scale, sample_scale, num_groups, pool_size,
+                                 eps):
+    """ONNX for ``pool_mixer_forward(...) -> (y, mean, rstd)``, traced by the exporter.
+
+    Arguments come as the exporter hands them over: tensors as symbolic ONNX values (None
+    for an absent optional one), ``num_groups``, ``pool_size``, ``eps`` as Python numbers.
+    ``bias`` is unused: it cancels out of the output (module docstring).  Everything is
+    computed in float32 (half inputs too: one rounding at the end, as in the kernels).
+    """
+    onnxscript, ir = _onnxscript()
+    op = onnxscript.opset18
+    _check_dtype(x.dtype)
+    x_float = op.Cast(x, to=ir.DataType.FLOAT)
+    normed, mean, rstd = _group_norm(x_float, num_groups, eps)
+    half = pool_size // 2
+    pooled = op.AveragePool(normed, kernel_shape=[pool_size, pool_size], strides=[1, 1],
+                            pads=[half, half, half, half], count_include_pad=0)
+    mixed = op.Sub(pooled, normed)
+    coefficient = _channel_product(weight, layer_scale)
+    if coefficient is not None:
+        mixed = op.Mul(mixed, coefficient)
+    if sample_scale is not None:
+        mixed = op.Mul(mixed, op.Reshape(op.Cast(sample_scale, to=ir.DataType.FLOAT), [-1, 1, 1, 1]))
+    shortcut = x_float if res_scale is None else op.Mul(x_float, _channel_product(res_scale))
+    y = op.Cast(op.Add(shortcut, mixed), to=x.dtype)
+    return y, mean, rstd
+
+
+def _check_dtype(dtype) -> None:
+    """TypeError for an input the translation does not write: float64, which ONNX Runtime's
+    CPU provider (no float64 AveragePool) and TensorRT (no float64) cannot run, and whose
+    LayerNormalization statistics ONNX keeps in float32 at best."""
+    _, ir = _onnxscript()
+    if dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16):
+        raise TypeError(f"pool_mixer_forward: ONNX export supports float32, float16 and bfloat16 inputs, got "
+                        f"{dtype.name.lower()} (ONNX Runtime and TensorRT run no float64 AveragePool); export a "
+                        "float32 copy of the model (model.float())")
+
+
+def _channel_product(*vectors):
+    """The product of the given (C,) vectors (None ones skipped) in float32 as a (C, 1, 1)
+    value, or None when every one is absent."""
+    onnxscript, ir = _onnxscript()
+    op = onnxscript.opset18
+    present = [op.Cast(vector, to=ir.DataType.FLOAT) for vector in vectors if vector is not None]
+    if not present:
+        return None
+    product = present[0]
+    for vector in present[1:]:
+        product = op.Mul(product, vector)
+    return op.Reshape(product, [-1, 1, 1])
+
+
+def _group_norm(x, num_groups: int, eps: float):
+    """(GroupNorm(x) without affine, mean (N, G), rstd (N, G)) in ONNX, for a float32 x."""
+    if _target_opset() >= GROUP_NORMALIZATION_OPSET:
+        return _group_normalization_21(x, num_groups, eps)
+    return _layer_normalization(x, num_groups, eps)
+
+
+def _target_opset() -> int:
+    """The opset of the graph being built: the exporter's recorder knows it (``opset_version``
+    of ``torch.onnx.export``).  Where it cannot be read, 0 selects the LayerNormalization
+    form, which is valid from opset 17 on."""
+    onnxscript, _ = _onnxscript()
+    recorder_opset = getattr(onnxscript.evaluator.default(), "opset", None)
+    return getattr(recorder_opset, "version", 0)
+
+
+def _filled(shape, value: float):
+    """A float32 tensor of the (dynamic) ``shape`` filled with ``value``: a normalization's
+    unit scale or zero bias."""
+    onnxscript, ir = _onnxscript()
+    return onnxscript.opset18.ConstantOfShape(shape, value=ir.tensor([value], dtype=ir.DataType.FLOAT))
+
+
+def _layer_normalization(x, num_groups: int, eps: float):
+    """GroupNorm as LayerNormalization: over (C, H, W) (axis 1) for one group, else over the
+    last axis of x reshaped to (N, G, C/G*H*W).  Its Mean and InvStdDev outputs are the
+    operator's statistics ((N, 1, 1, 1) or (N, G, 1), flattened to (N, G))."""
+    onnxscript, _ = _onnxscript()
+    op = onnxscript.opset18
+    grouped = x if num_groups == 1 else op.Reshape(x, [0, num_groups, -1])
+    axis = 1 if num_groups == 1 else 2
+    scale = _filled(op.Shape(grouped, start=axis), 1.0)
+    normed, mean, inv_std = op.LayerNormalization(grouped, scale, axis=axis, epsilon=eps)
+    if num_groups != 1:
+        normed = op.Reshape(normed, op.Shape(x))
+    return normed, op.Flatten(mean, axis=1), op.Flatten(inv_std, axis=1)
+
+
+def _group_normalization_21(x, num_groups: int, eps: float):
+    """GroupNorm as GroupNormalization-21 (unit per-channel scale, zero bias).  It has no
+    statistics outputs: mean and rstd are computed beside it (an inference graph never
+    reads them, and the exporter's optimizer drops what is unread)."""
+    onnxscript, _ = _onnxscript()
+    op, op21 = onnxscript.opset18, onnxscript.opset21
+    channels = op.Shape(x, start=1, end=2)
+    normed = op21.GroupNormalization(x, _filled(channels, 1.0), _filled(channels, 0.0), num_groups=num_groups,
+                                     epsilon=eps)
+    grouped = op.Reshape(x, [0, num_groups, -1])
+    mean = op.ReduceMean(grouped, [2], keepdims=1)
+    centered = op.Sub(grouped, mean)
+    variance = op.ReduceMean(op.Mul(centered, centered), [2], keepdims=0)
+    rstd = op.Reciprocal(op.Sqrt(op.Add(variance, op.CastLike(eps, variance))))
+    return normed, op.Flatten(mean, axis=1), rstd
+
+
+# ---------------------------------------------------------------------------------------
+# The table.
+
+# (operator name in the fused_poolformer namespace, translation).  An operator not
+# registered in this process (the Triton one where triton cannot be imported) is left out.
+_TRANSLATIONS: Tuple[Tuple[str, Callable], ...] = (
+    ("pool_mixer_forward", translate_pool_mixer_forward),
+    ("triton_pool_mixer_forward", translate_pool_mixer_forward),
+)
+
+
+def onnx_translation_table() -> Dict[torch._ops.OpOverload, Callable]:
+    """{operator overload: onnxscript translation} for every fused operator registered in
+    this process, to pass as ``torch.onnx.export(..., dynamo=True, custom_translation_table=)``.
+
+    The translations pick the normalization by the export's ``opset_version``:
+    LayerNormalization below 21 (the exporter's default is 20), GroupNormalization-21 from
+    21 on.  Building the table imports the Triton backend where triton is installed, so that
+    its operator is registered (a model calling it does so while it is traced, after the
+    table is built).
+    """
+    _onnxscript()  # a clear ImportError now, not inside the exporter
+    ops.triton_available()
+    table = {}
+    for name, translation in _TRANSLATIONS:
+        packet = getattr(torch.ops.fused_poolformer, name, None)
+        if packet is not None:
+            table[packet.default] = translation
+    return table
+
+
+# ---------------------------------------------------------------------------------------
+# export(): the table, after checking what the table cannot express.
+
+
+def export(model: nn.Module, args: tuple = (), f=None, *, kwargs: Optional[dict] = None, dynamic_shapes=None,
+           strict: bool = False, custom_translation_table: Optional[dict] = None, **onnx_options):
+    """``torch.onnx.export(model, args, f, dynamo=True, ...)`` with :func:`onnx_translation_table`.
+
+    The model is captured with ``torch.export.export(model, args, kwargs,
+    dynamic_shapes=dynamic_shapes, strict=strict)`` and checked first: a ``ValueError``
+    names each block the table cannot express (see :func:`check_exportable`).  Then the
+    program goes to ``torch.onnx.export`` with ``onnx_options`` (``opset_version``,
+    ``input_names``, ``optimize``, ...); ``custom_translation_table`` entries are added
+    to this package's.  Returns the ``ONNXProgram`` (saved to ``f`` when given).
+    ``dynamic_axes`` is refused: the capture takes ``dynamic_shapes``.
+    """
+    if "dynamic_axes" in onnx_options:
+        raise TypeError("export: dynamic_axes is not supported here; pass dynamic_shapes "
+                        "(torch.export's form, e.g. ({0: torch.export.Dim('batch')},))")
+    table = {**onnx_translation_table(), **(custom_translation_table or {})}
+    program = torch.export.export(model, tuple(args), kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
+    check_exportable(program, model, table)
+    return torch.onnx.export(program, (), f, dynamo=True, custom_translation_table=table, **onnx_options)
+
+
+def check_exportable(program: torch.export.ExportedProgram, model: nn.Module, table: dict) -> None:
+    """ValueError naming the first block of ``model`` whose call in ``program`` the
+    translations of ``table`` cannot express:
+
+    - a fused block (``FUSED_BLOCK_TYPES``) calling an operator that neither ``table`` nor
+      the exporter translates (a backend this package has no translation for);
+    - a translated operator whose ``sample_scale`` is computed from a random operator
+      (drop path active in training mode: each run draws a new mask).
+
+    A block is named by its qualified name in ``model`` (``stages.1.blocks.0``), the
+    innermost module whose forward made the call.
+    """
+    fused_paths = {name for name, module in model.named_modules() if isinstance(module, FUSED_BLOCK_TYPES)}
+    translated = {overload.name() for overload in table}
+    for node in program.graph.nodes:
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        path, block_type = _calling_module(node)
+        name = node.target.name()
+        if name in translated:
+            random_op = _random_fx_ancestor(_argument(node, "sample_scale"))
+            if random_op is not None:
+                raise ValueError(
+                    f"{_describe(path, block_type)}: its sample_scale is drawn by {random_op} (drop path active in "
+                    "training mode): an exported graph would draw new masks at every run; export the model in "
+                    "eval mode (model.eval())")
+        elif path in fused_paths and node.target.namespace not in _EXPORTER_NAMESPACES:
+            backend = getattr(model.get_submodule(path), "backend", None)
+            raise ValueError(
+                f"{_describe(path, block_type)}: calls {name} (backend={backend!r}), which has no ONNX translation; "
+                "export it with backend='auto' (or 'cpu', 'cuda', 'triton', 'reference'), or add a translation "
+                "for that operator to custom_translation_table")
+
+
+def _calling_module(node: torch.fx.Node) -> Tuple[str, str]:
+    """(qualified name, type name) of the innermost module whose forward called ``node``."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return "", ""
+    return list(stack.values())[-1]
+
+
+def _argument(node: torch.fx.Node, name: str):
+    """The value ``node`` passes for its operator's argument ``name`` (None where the
+    schema has no such argument or the call leaves it out)."""
+    for index, argument in enumerate(node.target._schema.arguments):
+        if argument.name == name:
+            return node.args[index] if index < len(node.args) else node.kwargs.get(name)
+    return None
+
+
+def _describe(path: str, block_type: str) -> str:
+    short_type = block_type.rsplit(".", 1)[-1]
+    return f"block {path!r} ({short_type})" if path else f"the model ({short_type})"
+
+
+def _random_fx_ancestor(arg) -> Optional[str]:
+    """The name of a random (nondeterministic_seeded) operator the FX value ``arg``
+    depends on, or None.  Operators that read only a tensor's shape, dtype or device
+    (``new_empty``, ``sym_size``, ...) end the walk."""
+    pending = [arg] if isinstance(arg, torch.fx.Node) else []
+    seen = set()
+    while pending:
+        node = pending.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        target = node.target
+        if isinstance(target, torch._ops.OpOverload):
+            if torch.Tag.nondeterministic_seeded in target.tags:
+                return target.name()
+            if target._opname in _FX_SHAPE_ONLY_OPS:
+                continue
+        pending.extend(node.all_input_nodes)
+    return None
+
+
+_FX_SHAPE_ONLY_OPS = frozenset({"new_empty", "new_empty_strided", "new_zeros", "new_ones", "new_full",
+                                "empty_like", "zeros_like", "ones_like", "full_like", "sym_size", "sym_numel",
+                                "sym_stride", "sym_storage_offset"})
