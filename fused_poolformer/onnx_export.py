@@ -233,32 +233,32 @@ def export(model: nn.Module, args: tuple = (), f=None, *, kwargs: Optional[dict]
 
 
 def check_exportable(program: torch.export.ExportedProgram, model: nn.Module, table: dict) -> None:
-    """ValueError naming the first block of ``model`` whose call in ``program`` the
-    translations of ``table`` cannot express:
+    """ValueError naming the first fused block of ``model`` (``FUSED_BLOCK_TYPES``) whose own
+    forward, as captured in ``program``, calls what the translations cannot express:
 
-    - a fused block (``FUSED_BLOCK_TYPES``) calling an operator that neither ``table`` nor
-      the exporter translates (a backend this package has no translation for);
-    - a translated operator whose ``sample_scale`` is computed from a random operator
-      (drop path active in training mode: each run draws a new mask).
+    - a random operator: drop path active in training mode, whose mask an exported graph
+      would draw anew at every run (with ONNX's generator, not PyTorch's);
+    - an operator that neither ``table`` nor the exporter translates (a backend this
+      package has no translation for).
 
-    A block is named by its qualified name in ``model`` (``stages.1.blocks.0``), the
-    innermost module whose forward made the call.
+    A block is named by its qualified name in ``model`` (``stages.1.blocks.0``).  Calls
+    made inside the block's children (its MLP, the MLP branch's DropPath) are the
+    exporter's business, as in the unconverted model.
     """
     fused_paths = {name for name, module in model.named_modules() if isinstance(module, FUSED_BLOCK_TYPES)}
-    translated = {overload.name() for overload in table}
+    translated = {target.name() for target in table if isinstance(target, torch._ops.OpOverload)}
     for node in program.graph.nodes:
         if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
             continue
         path, block_type = _calling_module(node)
+        if path not in fused_paths:
+            continue
         name = node.target.name()
-        if name in translated:
-            random_op = _random_fx_ancestor(_argument(node, "sample_scale"))
-            if random_op is not None:
-                raise ValueError(
-                    f"{_describe(path, block_type)}: its sample_scale is drawn by {random_op} (drop path active in "
-                    "training mode): an exported graph would draw new masks at every run; export the model in "
-                    "eval mode (model.eval())")
-        elif path in fused_paths and node.target.namespace not in _EXPORTER_NAMESPACES:
+        if torch.Tag.nondeterministic_seeded in node.target.tags:
+            raise ValueError(
+                f"{_describe(path, block_type)}: draws {name} (drop path active in training mode): an exported "
+                "graph would draw new masks at every run; export the model in eval mode (model.eval())")
+        if node.target.namespace not in _EXPORTER_NAMESPACES and name not in translated:
             backend = getattr(model.get_submodule(path), "backend", None)
             raise ValueError(
                 f"{_describe(path, block_type)}: calls {name} (backend={backend!r}), which has no ONNX translation; "
@@ -274,41 +274,6 @@ def _calling_module(node: torch.fx.Node) -> Tuple[str, str]:
     return list(stack.values())[-1]
 
 
-def _argument(node: torch.fx.Node, name: str):
-    """The value ``node`` passes for its operator's argument ``name`` (None where the
-    schema has no such argument or the call leaves it out)."""
-    for index, argument in enumerate(node.target._schema.arguments):
-        if argument.name == name:
-            return node.args[index] if index < len(node.args) else node.kwargs.get(name)
-    return None
-
-
 def _describe(path: str, block_type: str) -> str:
     short_type = block_type.rsplit(".", 1)[-1]
     return f"block {path!r} ({short_type})" if path else f"the model ({short_type})"
-
-
-def _random_fx_ancestor(arg) -> Optional[str]:
-    """The name of a random (nondeterministic_seeded) operator the FX value ``arg``
-    depends on, or None.  Operators that read only a tensor's shape, dtype or device
-    (``new_empty``, ``sym_size``, ...) end the walk."""
-    pending = [arg] if isinstance(arg, torch.fx.Node) else []
-    seen = set()
-    while pending:
-        node = pending.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        target = node.target
-        if isinstance(target, torch._ops.OpOverload):
-            if torch.Tag.nondeterministic_seeded in target.tags:
-                return target.name()
-            if target._opname in _FX_SHAPE_ONLY_OPS:
-                continue
-        pending.extend(node.all_input_nodes)
-    return None
-
-
-_FX_SHAPE_ONLY_OPS = frozenset({"new_empty", "new_empty_strided", "new_zeros", "new_ones", "new_full",
-                                "empty_like", "zeros_like", "ones_like", "full_like", "sym_size", "sym_numel",
-                                "sym_stride", "sym_storage_offset"})

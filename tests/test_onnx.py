@@ -237,13 +237,20 @@ def test_triton_operator_translates(tmp_path):
 def test_export_names_the_block_whose_drop_path_is_random():
     model = converted_timm_model("poolformer_s12", drop_path_rate=0.1).train()
     # timm's drop-path rates rise from 0: stages.0.blocks.0 has none, stages.0.blocks.1 the first.
-    with pytest.raises(ValueError, match=re.escape("block 'stages.0.blocks.1' (FusedMetaFormerBlock): its "
-                                                   "sample_scale is drawn by aten::bernoulli")):
+    with pytest.raises(ValueError, match=re.escape("block 'stages.0.blocks.1' (FusedMetaFormerBlock): draws "
+                                                   "aten::bernoulli")):
         export(model, (torch.randn(2, 3, IMAGE, IMAGE),), verbose=False)
 
 
 def small_model(mixer: nn.Module) -> nn.Module:
     return nn.Sequential(OrderedDict(stem=nn.Conv2d(3, 8, 1), mixer=mixer))
+
+
+def test_export_names_the_block_whose_drop_path_is_random_on_the_reference_backend():
+    """The unfused graph of backend='reference' holds no fused operator, but its mask is as random."""
+    model = small_model(FusedPoolMixer(8, drop_path=0.5, backend="reference")).train()
+    with pytest.raises(ValueError, match=re.escape("block 'mixer' (FusedPoolMixer): draws aten::bernoulli")):
+        export(model, (torch.randn(2, 3, 5, 5),), verbose=False)
 
 
 @pytest.mark.parametrize("drop_path, training", [(0.5, False), (0.0, True)])
