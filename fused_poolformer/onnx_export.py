@@ -6,8 +6,8 @@ registry of onnxscript functions; it has none for this package's operators.
 
     torch.onnx.export(model, args, dynamo=True, custom_translation_table=onnx_translation_table())
 
-Each entry writes the operator as standard ONNX operators that ONNX Runtime and TensorRT
-run natively, nothing custom:
+Each entry writes the operator as standard ONNX operators, nothing custom: ones that ONNX
+Runtime runs natively (tests/test_onnx.py) and TensorRT's ONNX parser lists (not tried here):
 
     GroupNorm without affine   LayerNormalization(axis=1) for one group (opset 17+); for G
                                groups the same over a (N, G, C/G*H*W) reshape; at opset 21+
@@ -33,7 +33,8 @@ with its usual warning about training mode: the translation sees only the mask's
 
 To translate another operator (a whole-block fused operator, say): write its translation
 function, taking the operator's arguments in schema order and returning its outputs, and
-add one ``(operator name, function)`` line to ``_TRANSLATIONS``.
+add one ``(operator name, function)`` line to ``_TRANSLATIONS`` (and the module that calls
+it to ``FUSED_BLOCK_TYPES``, so that export() checks that module's calls too).
 """
 
 from typing import Callable, Dict, Optional, Tuple
