@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # Builds the operator library with CMake against the installed libtorch (no Python binding):
 #   bash scripts/cmake_build.sh BUILD_DIR [extra cmake args, e.g. -DFUSED_POOLFORMER_CUDA=ON]
+# or, with --source, another CMake project against the same libtorch (the C++ examples):
+#   bash scripts/cmake_build.sh --source examples/aoti_cpp BUILD_DIR -DFUSED_POOLFORMER_OPS_LIBRARY=...
 # Finds the CUDA toolkit root and torch's libnvrtc, which find_package(Torch) needs for a
 # CUDA build of torch even when the library itself is CPU-only.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-BUILD="${1:?usage: cmake_build.sh BUILD_DIR [cmake args]}"; shift
+SOURCE="$ROOT"
+if [ "${1:-}" = --source ]; then SOURCE="${2:?--source needs a directory}"; shift 2; fi
+BUILD="${1:?usage: cmake_build.sh [--source DIR] BUILD_DIR [cmake args]}"; shift
 PY="${PYTHON:-python}"
 PREFIX="$("$PY" -c 'import torch; print(torch.utils.cmake_prefix_path)')"
 ARGS=(-DCMAKE_PREFIX_PATH="$PREFIX")
@@ -24,5 +28,5 @@ print(hits[0] if hits else "")
 PYEOF
 )"
 if [ -n "$NVRTC" ]; then ARGS+=(-DCUDA_nvrtc_LIBRARY="$NVRTC"); fi
-cmake -S "$ROOT" -B "$BUILD" "${ARGS[@]}" "$@"
+cmake -S "$SOURCE" -B "$BUILD" "${ARGS[@]}" "$@"
 cmake --build "$BUILD" -j "${MAX_JOBS:-2}"
