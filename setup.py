@@ -135,7 +135,6 @@ def extension():
     if WITH_CUDA:
         sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
         kwargs["extra_compile_args"]["nvcc"] = nvcc_flags()
-        kwargs["define_macros"] = [("FUSED_POOLFORMER_WITH_CUDA", "1")]
         return CUDAExtension(sources=sources, **kwargs)
     return CppExtension(sources=sources, **kwargs)
 

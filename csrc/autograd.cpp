@@ -90,14 +90,17 @@ BackwardResult differentiable_backward(const at::Tensor& grad_y, const at::Tenso
   const at::Tensor r = per_channel((var + eps).rsqrt());
   const at::Tensor centered = x - per_channel(mean);
 
-  const std::vector<int64_t> window{k, k}, stride{1, 1}, padding{k / 2, k / 2};
-  const at::Tensor D = at::avg_pool2d(x, window, stride, padding, false, false) - x;
+  const std::vector<int64_t> window{k, k}, stride{kPoolStride, kPoolStride},
+      padding{pool_radius(k), pool_radius(k)};
+  const at::Tensor D = at::avg_pool2d(x, window, stride, padding, /*ceil_mode=*/false,
+                                          kCountIncludePad) - x;
   const at::Tensor w = vector(weight), ls = vector(layer_scale), rs = vector(res_scale);
   const at::Tensor sample =
       present(sample_scale) ? sample_scale->to(acc).view_symint({N, 1, 1, 1}) : at::Tensor();
   const at::Tensor b = times(times(times(dy, channel(ls)), channel(w)), sample);  // a * dy
   const at::Tensor pool_t_b =
-      at::avg_pool2d_backward(b, x, window, stride, padding, false, false, std::nullopt);
+      at::avg_pool2d_backward(b, x, window, stride, padding, /*ceil_mode=*/false,
+                              kCountIncludePad, std::nullopt);
   // S / M = the group mean of a * D * dy.
   const at::Tensor s_over_m = per_channel(group_mean(D * b));
   const at::Tensor dx =

@@ -9,7 +9,6 @@
 #include <string>
 
 namespace fused_poolformer {
-namespace {
 
 // Dtypes by their Python names, so that messages read the same as the fake kernels' ones.
 std::string dtype_name(at::ScalarType t) {
@@ -29,72 +28,96 @@ bool is_supported_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
 
-void check_activation(const at::Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(t.defined(), "pool_mixer: ", name, " must be a tensor");
-  TORCH_CHECK_VALUE(t.dim() == 4, "pool_mixer: ", name, " must be 4-D (N, C, H, W), got ",
+void check_activation_arg(const at::Tensor& t, const char* name, const char* who) {
+  TORCH_CHECK_VALUE(t.defined(), who, ": ", name, " must be a tensor");
+  TORCH_CHECK_VALUE(t.dim() == 4, who, ": ", name, " must be 4-D (N, C, H, W), got ",
                     t.dim(), "-D with shape ", t.sizes());
-  TORCH_CHECK_TYPE(is_supported_float(t.scalar_type()), "pool_mixer: ", name,
+  TORCH_CHECK_TYPE(is_supported_float(t.scalar_type()), who, ": ", name,
                    " must be float32, float64, float16 or bfloat16, got ", dtype_name(t.scalar_type()));
+}
+
+void check_parameter_dtype(const at::Tensor& v, const char* name, const at::Tensor& x,
+                           const char* who) {
+  const auto t = v.scalar_type();
+  TORCH_CHECK_TYPE(t == x.scalar_type() || (t == at::kFloat && x.scalar_type() != at::kDouble),
+                   who, ": ", name, " has dtype ", dtype_name(t), " but x has dtype ",
+                   dtype_name(x.scalar_type()),
+                   " (parameters must match x, or be float32 for a half-precision x)");
 }
 
 // A per-channel (or per-sample) vector: right length, x's device, and x's dtype or
 // float32 (mixed-precision parameters of a half-precision activation).
-void check_vector(const OptionalTensor& v, const char* name, int64_t length,
-                  const char* length_name, const at::Tensor& x) {
+void check_vector_arg(const OptionalTensor& v, const char* name, int64_t length,
+                      const char* length_name, const at::Tensor& x, const char* who) {
   if (!v.has_value() || !v->defined()) return;
-  TORCH_CHECK_VALUE(v->dim() == 1 && v->size(0) == length, "pool_mixer: ", name,
+  TORCH_CHECK_VALUE(v->dim() == 1 && v->size(0) == length, who, ": ", name,
                     " must have shape (", length_name, ",) = (", length, ",), got ", v->sizes());
-  TORCH_CHECK_VALUE(v->device() == x.device(), "pool_mixer: ", name, " is on ", v->device(),
+  TORCH_CHECK_VALUE(v->device() == x.device(), who, ": ", name, " is on ", v->device(),
                     " but x is on ", x.device());
-  const auto t = v->scalar_type();
-  TORCH_CHECK_TYPE(t == x.scalar_type() || (t == at::kFloat && x.scalar_type() != at::kDouble),
-                   "pool_mixer: ", name, " has dtype ", dtype_name(t), " but x has dtype ",
-                   dtype_name(x.scalar_type()),
-                   " (parameters must match x, or be float32 for a half-precision x)");
+  check_parameter_dtype(*v, name, x, who);
 }
+
+void check_group_options(const at::Tensor& x, int64_t num_groups, int64_t pool_size, double eps,
+                         const char* who, const char* groups_name, const char* eps_name) {
+  const int64_t C = x.size(1);
+  TORCH_CHECK_VALUE(num_groups >= 1, who, ": ", groups_name, " must be an integer >= 1, got ",
+                    num_groups);
+  TORCH_CHECK_VALUE(C % num_groups == 0, who, ": ", groups_name, " (", num_groups,
+                    ") must divide the number of channels C (", C, ")");
+  TORCH_CHECK_VALUE(valid_pool_size(pool_size), who, ": ", kPoolSizeRule, ", got ", pool_size);
+  TORCH_CHECK_VALUE(eps > 0.0 && std::isfinite(eps), who, ": ", eps_name,
+                    " must be a finite number > 0, got ", eps);
+}
+
+void check_statistics_arg(const at::Tensor& t, const char* name, const at::Tensor& x,
+                          int64_t num_groups, const char* who, const char* shape_text) {
+  const int64_t N = x.size(0);
+  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == N && t.size(1) == num_groups, who, ": ",
+                    name, " must have shape ", shape_text, " = (", N, ", ", num_groups, "), got ",
+                    t.sizes());
+  const auto want = dtype_name(accumulate_type(x.scalar_type()));
+  const auto got = dtype_name(t.scalar_type());
+  TORCH_CHECK_TYPE(t.scalar_type() == accumulate_type(x.scalar_type()), who, ": ", name,
+                   " must be ", want, " on ", x.device(), ", got ", got, " on ", t.device());
+  TORCH_CHECK_VALUE(t.device() == x.device(), who, ": ", name, " must be ", want, " on ",
+                    x.device(), ", got ", got, " on ", t.device());
+}
+
+void check_device_type_arg(const at::Tensor& x, at::DeviceType device_type, const char* who) {
+  // The dispatcher only sends tensors of this device type here; a mix of devices among the
+  // arguments is caught by check_vector_arg with the argument's name.
+  TORCH_CHECK_VALUE(x.device().type() == device_type, who, ": x is on ", x.device(),
+                    " but this kernel runs on ", device_type);
+}
+
+namespace {
+
+constexpr const char* kWho = "pool_mixer";
+
+void check_activation(const at::Tensor& t, const char* name) { check_activation_arg(t, name, kWho); }
 
 void check_vectors(const at::Tensor& x, const OptionalTensor& weight, const OptionalTensor& bias,
                    const OptionalTensor& layer_scale, const OptionalTensor& res_scale,
                    const OptionalTensor& sample_scale) {
   const int64_t N = x.size(0), C = x.size(1);
-  check_vector(weight, "weight", C, "C", x);
-  check_vector(bias, "bias", C, "C", x);
-  check_vector(layer_scale, "layer_scale", C, "C", x);
-  check_vector(res_scale, "res_scale", C, "C", x);
-  check_vector(sample_scale, "sample_scale", N, "N", x);
+  check_vector_arg(weight, "weight", C, "C", x, kWho);
+  check_vector_arg(bias, "bias", C, "C", x, kWho);
+  check_vector_arg(layer_scale, "layer_scale", C, "C", x, kWho);
+  check_vector_arg(res_scale, "res_scale", C, "C", x, kWho);
+  check_vector_arg(sample_scale, "sample_scale", N, "N", x, kWho);
 }
 
 void check_options(const at::Tensor& x, int64_t num_groups, int64_t pool_size, double eps) {
-  const int64_t C = x.size(1);
-  TORCH_CHECK_VALUE(num_groups >= 1, "pool_mixer: num_groups must be an integer >= 1, got ",
-                    num_groups);
-  TORCH_CHECK_VALUE(C % num_groups == 0, "pool_mixer: num_groups (", num_groups,
-                    ") must divide the number of channels C (", C, ")");
-  TORCH_CHECK_VALUE(pool_size >= 1 && pool_size % 2 == 1,
-                    "pool_mixer: pool_size must be a positive odd integer, got ", pool_size);
-  TORCH_CHECK_VALUE(eps > 0.0 && std::isfinite(eps),
-                    "pool_mixer: eps must be a finite number > 0, got ", eps);
+  check_group_options(x, num_groups, pool_size, eps, kWho, "num_groups", "eps");
 }
 
 void check_statistics(const at::Tensor& t, const char* name, const at::Tensor& x,
                       int64_t num_groups) {
-  const int64_t N = x.size(0);
-  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == N && t.size(1) == num_groups, "pool_mixer: ",
-                    name, " must have shape (N, num_groups) = (", N, ", ", num_groups, "), got ",
-                    t.sizes());
-  const auto want = dtype_name(accumulate_type(x.scalar_type()));
-  const auto got = dtype_name(t.scalar_type());
-  TORCH_CHECK_TYPE(t.scalar_type() == accumulate_type(x.scalar_type()), "pool_mixer: ", name,
-                   " must be ", want, " on ", x.device(), ", got ", got, " on ", t.device());
-  TORCH_CHECK_VALUE(t.device() == x.device(), "pool_mixer: ", name, " must be ", want, " on ",
-                    x.device(), ", got ", got, " on ", t.device());
+  check_statistics_arg(t, name, x, num_groups, kWho, "(N, num_groups)");
 }
 
 void check_device_type(const at::Tensor& x, at::DeviceType device_type) {
-  // The dispatcher only sends tensors of this device type here; a mix of devices among the
-  // arguments is caught by check_vector with the argument's name.
-  TORCH_CHECK_VALUE(x.device().type() == device_type, "pool_mixer: x is on ", x.device(),
-                    " but this kernel runs on ", device_type);
+  check_device_type_arg(x, device_type, kWho);
 }
 
 // The kernels read x in one of two dense layouts.  A tensor that is dense in both (C == 1 or
@@ -128,7 +151,7 @@ MixerShape mixer_shape(const at::Tensor& x, int64_t num_groups, int64_t pool_siz
   MixerShape s;
   s.N = x.size(0), s.C = x.size(1), s.H = x.size(2), s.W = x.size(3);
   s.G = num_groups, s.Cg = s.C / num_groups;
-  s.radius = pool_size / 2;
+  s.radius = pool_radius(pool_size);
   s.channels_last = channels_last;
   return s;
 }

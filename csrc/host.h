@@ -10,6 +10,7 @@
 
 #include <array>
 #include <optional>
+#include <string>
 #include <tuple>
 
 #include "pool_mixer.h"
@@ -95,6 +96,21 @@ BackwardResult run_backward(const at::Tensor& grad_y, const at::Tensor& x, const
                             int64_t num_groups, int64_t pool_size, double eps,
                             std::array<bool, 5> output_mask, at::DeviceType device_type,
                             BackwardLauncher launch, WorkspaceQuery workspace = nullptr);
+
+// Argument checks by piece, for every operator of the package: `who` is the operator's
+// public name and starts each message, `name` the argument's.
+std::string dtype_name(at::ScalarType t);
+bool is_supported_float(at::ScalarType t);
+void check_activation_arg(const at::Tensor& t, const char* name, const char* who);
+void check_parameter_dtype(const at::Tensor& v, const char* name, const at::Tensor& x,
+                           const char* who);
+void check_vector_arg(const OptionalTensor& v, const char* name, int64_t length,
+                      const char* length_name, const at::Tensor& x, const char* who);
+void check_group_options(const at::Tensor& x, int64_t num_groups, int64_t pool_size, double eps,
+                         const char* who, const char* groups_name, const char* eps_name);
+void check_statistics_arg(const at::Tensor& t, const char* name, const at::Tensor& x,
+                          int64_t num_groups, const char* who, const char* shape_text);
+void check_device_type_arg(const at::Tensor& x, at::DeviceType device_type, const char* who);
 
 // Argument checks, shared by the operators and the differentiable (double-backward) path.
 void check_forward_args(const at::Tensor& x, const OptionalTensor& weight,

@@ -1,4 +1,5 @@
-// Operator schemas of the fused pool mixer (docs/contract.md).  The CPU and CUDA kernels
+// Operator schemas of the fused pool mixer (docs/contract.md) and of the whole block
+// (docs/block.md).  The CPU and CUDA kernels
 // register against them in csrc/cpu and csrc/cuda, the autograd formula in
 // csrc/autograd.cpp; fake kernels come from Python (fused_poolformer/contract.py).
 #include <torch/library.h>
@@ -20,4 +21,30 @@ TORCH_LIBRARY(fused_poolformer, m) {
       "Tensor? bias, Tensor? layer_scale, Tensor? res_scale, Tensor? sample_scale, "
       "int num_groups, int pool_size, float eps, bool[5] output_mask) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The whole block: out = res_scale2 * x1 + layer_scale2 * sample_scale2 *
+  // fc2(act(fc1(GroupNorm2(x1)))), x1 the mixer above.  fc weights are 2-D: (hidden, C) and
+  // (C, hidden).  Returns (out, hidden, mean1, rstd1, mean2, rstd2): hidden is fc1's output
+  // (empty unless save_hidden), mean1/rstd1 the mixer's (N, num_groups1) statistics,
+  // mean2/rstd2 x1's (N, 1) ones.  gemm_dtype: the GEMMs' dtype (autocast), x's if None.
+  m.def(
+      "block_forward(Tensor x, Tensor? norm1_weight, Tensor? norm1_bias, Tensor? layer_scale1, "
+      "Tensor? res_scale1, Tensor? sample_scale1, int num_groups1, int pool_size, float eps1, "
+      "Tensor? norm2_weight, Tensor? norm2_bias, float eps2, Tensor fc1_weight, Tensor? fc1_bias, "
+      "Tensor fc2_weight, Tensor? fc2_bias, Tensor? layer_scale2, Tensor? res_scale2, "
+      "Tensor? sample_scale2, str activation, Tensor? act_scale, Tensor? act_bias, "
+      "ScalarType? gemm_dtype, bool save_hidden) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The gradients of (x, norm1_weight, norm1_bias, layer_scale1, res_scale1, norm2_weight,
+  // norm2_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale2, res_scale2,
+  // act_scale, act_bias); hidden may be empty (recomputed).  Unrequested or absent: undefined.
+  m.def(
+      "block_backward(Tensor grad_out, Tensor x, Tensor hidden, Tensor mean1, Tensor rstd1, "
+      "Tensor mean2, Tensor rstd2, Tensor? norm1_weight, Tensor? norm1_bias, "
+      "Tensor? layer_scale1, Tensor? res_scale1, Tensor? sample_scale1, int num_groups1, "
+      "int pool_size, float eps1, Tensor? norm2_weight, Tensor? norm2_bias, float eps2, "
+      "Tensor fc1_weight, Tensor? fc1_bias, Tensor fc2_weight, Tensor? fc2_bias, "
+      "Tensor? layer_scale2, Tensor? res_scale2, Tensor? sample_scale2, str activation, "
+      "Tensor? act_scale, Tensor? act_bias, ScalarType? gemm_dtype, bool[15] output_mask) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
+      "Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

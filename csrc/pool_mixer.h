@@ -2,6 +2,7 @@
 //
 // The mixer is y = res_scale * x + a * rstd * (P x - x) (docs/math.md).  Every backend
 // needs the same pieces, kept here so that there is one copy:
+//   * the pool rule (the only place C++ and CUDA state it),
 //   * the window of the stride-1, padding k//2 average pool along one axis,
 //   * its valid-tap count (count_include_pad=False divides by it),
 //   * the Chan/Welford merge of partial (count, mean, M2) statistics,
@@ -19,6 +20,27 @@
 #endif
 
 namespace fused_poolformer {
+
+// ---------------------------------------------------------------------------------------
+// The pool rule, PoolFormer's setting (docs/contract.md; fused_poolformer/contract.py states
+// it for Python): AvgPool2d(pool_size, stride 1, padding pool_size / 2,
+// count_include_pad=False) with an odd pool_size >= 1.  The window centred on a pixel is
+// then symmetric (its radius is the padding), which the backward's adjoint pool relies on,
+// and a window clipped by the border divides by its valid taps.  A plane smaller than the
+// window is fine: the window is clipped to it (effective_radius).
+
+constexpr const char* kPoolSizeRule = "pool_size must be a positive odd integer";
+constexpr int64_t kPoolStride = 1;
+constexpr bool kCountIncludePad = false;
+
+FPM_HOST_DEVICE bool valid_pool_size(int64_t pool_size) {
+  return pool_size >= 1 && pool_size % 2 == 1;
+}
+
+// The window's radius, also the pool's padding.
+FPM_HOST_DEVICE int64_t pool_radius(int64_t pool_size) { return pool_size / 2; }
+
+FPM_HOST_DEVICE int64_t pool_size_of(int64_t radius) { return 2 * radius + 1; }
 
 // First index of the pool window centred on i along an axis of length n, radius r = k//2.
 FPM_HOST_DEVICE int64_t window_begin(int64_t i, int64_t radius) {

@@ -2,9 +2,11 @@
 residual) fused into one forward and one backward operator, with CPU, CUDA and Triton
 kernels and drop-in modules for MetaFormer-family models."""
 
-from . import reference
+from . import backends, reference
+from .backends import Backend, register_backend
 from .convert import ConversionReport, convert_model
 from .modules import FusedMetaFormerBlock, FusedPoolFormerBlock, FusedPoolMixer
+from .onnx_export import onnx_translation_table
 from .ops import (
     BACKENDS,
     EXTENSION_ERROR,
@@ -17,6 +19,7 @@ from .ops import (
 
 __all__ = [
     "BACKENDS",
+    "Backend",
     "EXTENSION_ERROR",
     "ConversionReport",
     "FusedMetaFormerBlock",
@@ -25,9 +28,12 @@ __all__ = [
     "convert_model",
     "HAS_CPU_KERNELS",
     "HAS_CUDA_KERNELS",
+    "onnx_translation_table",
     "available_backends",
+    "backends",
     "pool_mixer",
     "reference",
+    "register_backend",
     "triton_available",
 ]
 __version__ = "0.1.0"

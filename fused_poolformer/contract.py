@@ -11,16 +11,18 @@
 - The autograd formula of the Triton operators (the C++ operators have theirs in
   ``csrc/autograd.cpp``).
 
-This module imports nothing from the package but ``reference`` (also a leaf): the backends
-import it, never the other way round.
+- The pool rule (``pool_arguments`` and its checks): the only place Python states it
+  (``csrc/pool_mixer.h`` states it for C++ and CUDA).
+
+This module imports nothing from the package at import time (``reference``, which uses the
+pool rule, is imported where the Triton autograd needs it): the backends import it, never
+the other way round.
 """
 
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
-
-from . import reference
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 VECTOR_NAMES = ("weight", "bias", "layer_scale", "res_scale")  # (C,) vectors; sample_scale is (N,)
@@ -36,6 +38,55 @@ def dense_format(x: Tensor) -> torch.memory_format:
     if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
     return torch.contiguous_format
+
+
+# ---------------------------------------------------------------------------------------
+# The pool rule, PoolFormer's setting: AvgPool2d(pool_size, stride=1, padding=pool_size//2,
+# count_include_pad=False) with an odd pool_size >= 1.  The window centred on a pixel is then
+# symmetric (its radius is the padding), which the backward's adjoint pool relies on, and a
+# window clipped by the border divides by its valid taps.  A plane smaller than the window is
+# fine: the window is clipped to it.
+
+POOL_SIZE_RULE = "pool_size must be a positive odd integer"
+
+
+def valid_pool_size(pool_size) -> bool:
+    return not isinstance(pool_size, bool) and isinstance(pool_size, int) and pool_size >= 1 and pool_size % 2 == 1
+
+
+def pool_radius(pool_size: int) -> int:
+    """The pool window's radius, also its padding."""
+    return pool_size // 2
+
+
+def pool_arguments(pool_size: int) -> dict:
+    """The keyword arguments of ``F.avg_pool2d`` / ``nn.AvgPool2d`` for the pool the fused
+    operators compute."""
+    return dict(kernel_size=pool_size, stride=1, padding=pool_radius(pool_size), count_include_pad=False)
+
+
+def avg_pool_mismatch(pool) -> Optional[str]:
+    """None where the ``nn.AvgPool2d`` ``pool`` computes the fused operators' pool, else what
+    differs (for the conversion report)."""
+    pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)
+    kh, kw = pair(pool.kernel_size)
+    if kh != kw or not valid_pool_size(kh):
+        return f"pool kernel_size {pool.kernel_size} is not a square odd window"
+    rule = pool_arguments(kh)
+    if pair(pool.stride if pool.stride is not None else pool.kernel_size) != pair(rule["stride"]):
+        return f"pool stride {pool.stride} is not {rule['stride']}"
+    if pair(pool.padding) != pair(rule["padding"]):
+        return f"pool padding {pool.padding} is not kernel_size // 2 = {rule['padding']}"
+    if pool.count_include_pad != rule["count_include_pad"]:
+        return f"pool has count_include_pad={pool.count_include_pad}"
+    if pool.ceil_mode or pool.divisor_override is not None:
+        return "pool has ceil_mode or divisor_override set"
+    return None
+
+
+def check_pool_size(pool_size, who: str = "pool_mixer") -> None:
+    if not valid_pool_size(pool_size):
+        raise ValueError(f"{who}: {POOL_SIZE_RULE}, got {pool_size!r}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -81,8 +132,7 @@ def check_options(x: Tensor, num_groups, pool_size, eps) -> None:
         raise ValueError(f"pool_mixer: num_groups must be an integer >= 1, got {num_groups!r}")
     if x.shape[1] % num_groups != 0:
         raise ValueError(f"pool_mixer: num_groups ({num_groups}) must divide the number of channels C ({x.shape[1]})")
-    if isinstance(pool_size, bool) or not isinstance(pool_size, int) or pool_size < 1 or pool_size % 2 == 0:
-        raise ValueError(f"pool_mixer: pool_size must be a positive odd integer, got {pool_size!r}")
+    check_pool_size(pool_size)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0.0 < float(eps) < float("inf")):
         raise ValueError(f"pool_mixer: eps must be a finite number > 0, got {eps!r}")
 
@@ -171,6 +221,8 @@ def _setup_context(ctx, inputs, output):
 
 def _differentiable_gradients(grad_y, tensors: Sequence[Optional[Tensor]], needs: Sequence[bool], options):
     """The gradients of the unfused graph, built with create_graph=True."""
+    from . import reference  # imports this module
+
     x, weight, bias, layer_scale, res_scale, sample_scale = tensors
     num_groups, pool_size, eps = options
     y = reference.pool_mixer(x, weight, bias, layer_scale=layer_scale, res_scale=res_scale,

@@ -17,8 +17,7 @@ tensor layout), pool settings, the class names of the small scale / drop-path / 
 modules -- without importing timm or either repository.  Anything that looks like a
 MetaFormer block (it has ``norm1``, ``token_mixer``, ``norm2`` and ``mlp``) but that the
 fused op does not cover (another token mixer, a LayerNorm over C / BatchNorm, pool
-settings other than stride 1, padding k//2, count_include_pad=False, odd k) is left as it
-is and reported with the first reason found.  So is a block holding a hook on a module
+settings other than the pool rule of ``contract.pool_arguments``) is left as it is and reported with the first reason found.  So is a block holding a hook on a module
 the fused op stands in for (``norm1``, ``token_mixer``, the first branch's drop path and
 scales, or their children), so that the hook keeps firing.
 
@@ -29,13 +28,20 @@ The report is a :class:`ConversionReport`, attached to the returned model as
 import copy
 import dataclasses
 import logging
-from typing import List, Optional, Tuple, Type
+from typing import Dict, List, Optional, Tuple, Type
 
 from torch import nn
 
-from .modules import FusedMetaFormerBlock, FusedPoolFormerBlock, _AdoptedBlock, _check_backend
+from . import backends, contract
+from .block_modules import RECOMPUTE_CHOICES, BlockFusedMetaFormerBlock, BlockFusedPoolFormerBlock, activation_of
+from .modules import FusedMetaFormerBlock, FusedPoolFormerBlock, _AdoptedBlock
 
-__all__ = ["ConversionReport", "check_block", "convert_model"]
+__all__ = ["ConversionReport", "check_block", "check_block_level", "convert_model", "FUSE_LEVELS"]
+
+# "block": the whole block in one operator pair where it qualifies (check_block_level), the
+# mixer alone where not; "mixer": the token-mixer branch only.
+FUSE_LEVELS = ("block", "mixer")
+_BLOCK_LEVEL_CLASS = {FusedMetaFormerBlock: BlockFusedMetaFormerBlock, FusedPoolFormerBlock: BlockFusedPoolFormerBlock}
 
 logger = logging.getLogger("fused_poolformer")
 
@@ -51,9 +57,16 @@ class ConversionReport:
 
     converted: List[str] = dataclasses.field(default_factory=list)
     skipped: List[Tuple[str, str]] = dataclasses.field(default_factory=list)
+    # Each converted block's fusion level ("block" or "mixer"), and for a block fused at the
+    # mixer level although fuse="block" was asked for, why.
+    levels: Dict[str, str] = dataclasses.field(default_factory=dict)
+    mixer_only: List[Tuple[str, str]] = dataclasses.field(default_factory=list)
 
     def __str__(self) -> str:
-        lines = [f"fused_poolformer: converted {len(self.converted)} block(s), skipped {len(self.skipped)}"]
+        whole = sum(1 for level in self.levels.values() if level == "block")
+        lines = [f"fused_poolformer: converted {len(self.converted)} block(s) ({whole} whole, "
+                 f"{len(self.converted) - whole} token mixer only), skipped {len(self.skipped)}"]
+        lines += [f"  mixer only {name or '<model>'}: {reason}" for name, reason in self.mixer_only]
         lines += [f"  skipped {name or '<model>'}: {reason}" for name, reason in self.skipped]
         return "\n".join(lines)
 
@@ -65,20 +78,7 @@ def _type_name(module) -> str:
 def _check_pool(pool) -> Optional[str]:
     if not isinstance(pool, nn.AvgPool2d):
         return f"token_mixer.pool is {_type_name(pool)}, not AvgPool2d"
-    pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)
-    kh, kw = pair(pool.kernel_size)
-    stride = pair(pool.stride if pool.stride is not None else pool.kernel_size)
-    if kh != kw or kh % 2 == 0:
-        return f"pool kernel_size {pool.kernel_size} is not a square odd window"
-    if stride != (1, 1):
-        return f"pool stride {pool.stride} is not 1"
-    if pair(pool.padding) != (kh // 2, kh // 2):
-        return f"pool padding {pool.padding} is not kernel_size // 2 = {kh // 2}"
-    if pool.count_include_pad:
-        return "pool has count_include_pad=True"
-    if pool.ceil_mode or pool.divisor_override is not None:
-        return "pool has ceil_mode or divisor_override set"
-    return None
+    return contract.avg_pool_mismatch(pool)
 
 
 def _check_mixer(block) -> Optional[str]:
@@ -95,26 +95,26 @@ def _vector_length(vector) -> Optional[int]:
     return vector.shape[0] if isinstance(vector, nn.Parameter) and vector.dim() == 1 else None
 
 
-def _check_layer_norm_general(norm) -> Optional[str]:
+def _check_layer_norm_general(norm, name: str = "norm1") -> Optional[str]:
     """The MetaFormer-baselines ``LayerNormGeneral`` on (N, H, W, C): the fused op's
     GroupNorm(1) when it normalizes over (H, W, C) with (C,) affine vectors."""
     dims = tuple(getattr(norm, "normalized_dim", ()))
     if sorted(d % 4 for d in dims) != [1, 2, 3]:
         if dims in ((-1,), (3,)):
-            return ("norm1 is a LayerNormGeneral over C only (statistics per position, as in "
+            return (f"{name} is a LayerNormGeneral over C only (statistics per position, as in "
                     "ConvFormer / CAFormer), not over (H, W, C) per sample")
-        return f"norm1 is a LayerNormGeneral over dims {dims}, not over (H, W, C) = (1, 2, 3)"
+        return f"{name} is a LayerNormGeneral over dims {dims}, not over (H, W, C) = (1, 2, 3)"
     lengths = set()
-    for flag, name in (("use_scale", "weight"), ("use_bias", "bias")):
+    for flag, vector in (("use_scale", "weight"), ("use_bias", "bias")):
         if getattr(norm, flag, None) is None:
-            return f"norm1 is a LayerNormGeneral without a {flag} flag"
+            return f"{name} is a LayerNormGeneral without a {flag} flag"
         if getattr(norm, flag):
-            length = _vector_length(getattr(norm, name, None))
+            length = _vector_length(getattr(norm, vector, None))
             if length is None:
-                return f"norm1.{name} is not a (C,) Parameter (it would not scale the channels of (N, H, W, C))"
+                return f"{name}.{vector} is not a (C,) Parameter (it would not scale the channels of (N, H, W, C))"
             lengths.add(length)
     if len(lengths) > 1:
-        return "norm1.weight and norm1.bias differ in length"
+        return f"{name}.weight and {name}.bias differ in length"
     return None
 
 
@@ -241,35 +241,143 @@ def _check_original_layout(block, layout: str) -> Optional[str]:
     return None
 
 
-def _convert_children(parent: nn.Module, prefix: str, backend: str, report: ConversionReport) -> None:
+# ---------------------------------------------------------------------------------------
+# The whole block: what the block operator computes beyond the mixer.
+
+_MLP_CHILDREN = {"fc1", "act", "fc2", "drop", "drop1", "drop2", "norm"}
+
+
+def _check_norm2(block, layout: str, channels: Optional[int]) -> Optional[str]:
+    norm1, norm2 = block.norm1, block.norm2
+    if isinstance(norm1, nn.GroupNorm) and norm1.num_groups != 1:
+        return f"norm1 has {norm1.num_groups} groups (the block operator takes GroupNorm with one group)"
+    if layout == "NCHW":
+        if not isinstance(norm2, nn.GroupNorm):
+            return f"norm2 is {_type_name(norm2)}, not a GroupNorm"
+        if norm2.num_groups != 1:
+            return f"norm2 has {norm2.num_groups} groups (the block operator takes GroupNorm with one group)"
+        if norm2.num_channels != channels:
+            return f"norm2 has {norm2.num_channels} channels, norm1 {channels}"
+        return None
+    if _type_name(norm2) != "LayerNormGeneral":
+        return f"norm2 is {_type_name(norm2)}, not a LayerNormGeneral over (H, W, C)"
+    return _check_layer_norm_general(norm2, "norm2")
+
+
+def _check_linear(fc, name: str, layout: str, in_features: int, out_features: Optional[int]) -> Optional[str]:
+    if layout == "NCHW":
+        if not isinstance(fc, nn.Conv2d) or fc.kernel_size != (1, 1) or fc.stride != (1, 1) or \
+                fc.padding not in ((0, 0), "valid") or fc.dilation != (1, 1) or fc.groups != 1:
+            return f"mlp.{name} is not a 1x1, stride 1, ungrouped Conv2d (got {fc!r})"
+        shape = (fc.out_channels, fc.in_channels)
+    else:
+        if not isinstance(fc, nn.Linear):
+            return f"mlp.{name} is {_type_name(fc)}, not a Linear"
+        shape = (fc.out_features, fc.in_features)
+    if shape[1] != in_features or (out_features is not None and shape[0] != out_features):
+        return f"mlp.{name} maps {shape[1]} to {shape[0]} features, not {in_features} to {out_features or 'hidden'}"
+    return None
+
+
+def _check_mlp(mlp, layout: str, channels: Optional[int]) -> Optional[str]:
+    children = dict(mlp.named_children())
+    extra = sorted(set(children) - _MLP_CHILDREN)
+    if extra or "fc1" not in children or "fc2" not in children or "act" not in children:
+        return f"mlp ({_type_name(mlp)}) is not fc1 / act / fc2 with dropouts (children {sorted(children)})"
+    if any(True for _ in mlp.parameters(recurse=False)):
+        return "mlp holds parameters of its own"
+    for name in ("drop", "drop1", "drop2"):
+        drop = children.get(name)
+        if drop is not None and not isinstance(drop, nn.Identity) and not (isinstance(drop, nn.Dropout) and drop.p == 0):
+            return f"mlp.{name} is {drop!r} (dropout with p > 0 is not fused)"
+    norm = children.get("norm")
+    if norm is not None and not isinstance(norm, nn.Identity):
+        return f"mlp.norm is {_type_name(norm)}, not Identity"
+    reason = activation_of(mlp.act)[3]
+    if reason:
+        return reason
+    reason = _check_linear(mlp.fc1, "fc1", layout, channels, None)
+    hidden = mlp.fc1.out_channels if layout == "NCHW" else mlp.fc1.out_features
+    return reason or _check_linear(mlp.fc2, "fc2", layout, hidden, channels)
+
+
+def check_block_level(module: nn.Module, fused_class: Type[_AdoptedBlock], backend: str) -> Optional[str]:
+    """None where ``module`` (which ``check_block`` accepted with ``fused_class``) can be fused
+    whole, else why it stays at the mixer level."""
+    if backend != "auto" and not backends.get(backend, "convert_model").has_family("block"):
+        return f"backend {backend!r} has no block operators"
+    layout, _ = _norm_layout(module)
+    channels = _channels(module.norm1)
+    block_class = _BLOCK_LEVEL_CLASS[fused_class]
+    reason = _check_norm2(module, layout, channels) or _check_mlp(module.mlp, layout, channels)
+    if reason is None and fused_class is FusedMetaFormerBlock:
+        reason = (_check_drop_path(module.drop_path2, "drop_path2")
+                  or _check_scale(module.layer_scale2, "layer_scale2", channels, layout)
+                  or _check_scale(module.res_scale2, "res_scale2", channels, layout))
+    if reason is None and fused_class is FusedPoolFormerBlock and module.use_layer_scale:
+        scale = getattr(module, "layer_scale_2", None)
+        if not isinstance(scale, nn.Parameter) or tuple(scale.shape) != (channels,):
+            reason = "use_layer_scale is set but layer_scale_2 is not a (C,) Parameter"
+    return reason or _check_hooks(module, block_class)
+
+
+# ---------------------------------------------------------------------------------------
+# The walk.
+
+
+@dataclasses.dataclass
+class _Options:
+    backend: str
+    fuse: str
+    recompute: Optional[str]
+
+
+def _convert_children(parent: nn.Module, prefix: str, options: _Options, report: ConversionReport) -> None:
     for name, child in list(parent.named_children()):
         qualified = f"{prefix}.{name}" if prefix else name
-        replacement = _convert_one(child, qualified, backend, report)
+        replacement = _convert_one(child, qualified, options, report)
         if replacement is not None:
             setattr(parent, name, replacement)
 
 
-def _convert_one(module: nn.Module, name: str, backend: str, report: ConversionReport) -> Optional[nn.Module]:
+def _convert_one(module: nn.Module, name: str, options: _Options, report: ConversionReport) -> Optional[nn.Module]:
     """The fused replacement of ``module`` (or None), descending into non-block modules."""
     fused_class, reason = check_block(module)
     if fused_class is not None:
         report.converted.append(name)
-        return fused_class.from_block(module, backend)
+        if options.fuse == "block":
+            level_reason = check_block_level(module, fused_class, options.backend)
+            if level_reason is None:
+                report.levels[name] = "block"
+                fused = _BLOCK_LEVEL_CLASS[fused_class].from_block(module, options.backend)
+                fused.set_recompute(options.recompute)
+                return fused
+            report.mixer_only.append((name, level_reason))
+        report.levels[name] = "mixer"
+        return fused_class.from_block(module, options.backend)
     if reason is not None:
         report.skipped.append((name, reason))
     else:
-        _convert_children(module, name, backend, report)
+        _convert_children(module, name, options, report)
     return None
 
 
-def convert_model(model: nn.Module, backend: str = "auto", inplace: bool = False) -> nn.Module:
+def convert_model(model: nn.Module, backend: str = "auto", inplace: bool = False, fuse: str = "block",
+                  recompute: Optional[str] = None) -> nn.Module:
     """Replace every supported PoolFormer / MetaFormer pooling block with its fused twin.
 
     Args:
         model: any ``nn.Module``; blocks are found anywhere in its tree (``model`` may
             itself be a block).
-        backend: the ``pool_mixer`` backend the fused blocks use ("auto", "cpu",
-            "cuda", "triton", "reference").
+        backend: the backend the fused blocks use ("auto", "cpu", "cuda", "triton",
+            "reference", or one registered in ``fused_poolformer.backends``).
+        fuse: "block" (default): a block whose MLP branch the block operator computes
+            (``check_block_level``: GroupNorm(1) norms, fc1 / GELU or StarReLU / fc2 with
+            dropout 0, no hooks on the bypassed modules) is fused whole, any other
+            convertible block at the mixer level (the report says why); "mixer": the
+            token-mixer branch only.
+        recompute: for whole blocks, None (the backward reads fc1's saved output) or "mlp"
+            (fc1's output is not saved and runs again in the backward: less memory).
         inplace: convert ``model`` itself -- its parameters stay the same objects, so an
             optimizer built before the conversion keeps working.  Otherwise a deep copy
             is converted and ``model`` is left untouched.
@@ -280,11 +388,15 @@ def convert_model(model: nn.Module, backend: str = "auto", inplace: bool = False
         values are unchanged.  What was converted and what was skipped, and why, is in
         ``returned.fused_poolformer_report`` (a :class:`ConversionReport`) and logged.
     """
-    _check_backend(backend)
+    backends.check_name(backend, "convert_model")
+    if fuse not in FUSE_LEVELS:
+        raise ValueError(f"convert_model: fuse must be one of {FUSE_LEVELS}, got {fuse!r}")
+    if recompute not in RECOMPUTE_CHOICES:
+        raise ValueError(f"convert_model: recompute must be one of {RECOMPUTE_CHOICES}, got {recompute!r}")
     if not inplace:
         model = copy.deepcopy(model)
     report = ConversionReport()
-    replacement = _convert_one(model, "", backend, report)
+    replacement = _convert_one(model, "", _Options(backend, fuse, recompute), report)
     if replacement is not None:
         model = replacement
     model.fused_poolformer_report = report

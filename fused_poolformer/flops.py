@@ -20,19 +20,18 @@ from typing import Callable, Dict, Tuple
 
 import torch
 
-_FORWARD_OPS = ("pool_mixer_forward", "triton_pool_mixer_forward")
-_BACKWARD_OPS = ("pool_mixer_backward", "triton_pool_mixer_backward")
+from . import backends
 
 
 def _fused_op_packets():
-    """The fused operator overload packets that exist in this process (C++ and Triton)."""
-    from . import ops  # loads the extension, registering torch.ops.fused_poolformer.*
+    """The fused operator overload packets of every backend that serves a device here."""
+    forwards, backwards = backends.fused_operator_names()
 
-    if ops.triton_available():
-        ops.triton_operators()  # registers the Triton operators
-    namespace = torch.ops.fused_poolformer
-    present = lambda names: [getattr(namespace, n) for n in names if hasattr(namespace, n)]
-    return present(_FORWARD_OPS), present(_BACKWARD_OPS)
+    def packet(name):
+        namespace, op = name.split("::")
+        return getattr(getattr(torch.ops, namespace), op)
+
+    return [packet(n) for n in forwards], [packet(n) for n in backwards]
 
 
 def _zero_macs(*args, **kwargs) -> int:
@@ -69,12 +68,8 @@ def _fvcore_forward_handle():
 def fvcore_handles() -> Dict[str, Callable]:
     """fvcore op handles for the fused operators, keyed by traced op name."""
     forward = _fvcore_forward_handle()
-    handles = {}
-    for name in _FORWARD_OPS:
-        handles[f"fused_poolformer::{name}"] = forward
-    for name in _BACKWARD_OPS:
-        handles[f"fused_poolformer::{name}"] = _zero_macs
-    return handles
+    forwards, backwards = backends.fused_operator_names()
+    return {**{name: forward for name in forwards}, **{name: _zero_macs for name in backwards}}
 
 
 @functools.lru_cache(maxsize=None)

@@ -12,7 +12,7 @@ Runtime runs natively (tests/test_onnx.py) and TensorRT's ONNX parser lists (not
     GroupNorm without affine   LayerNormalization(axis=1) for one group (opset 17+); for G
                                groups the same over a (N, G, C/G*H*W) reshape; at opset 21+
                                GroupNormalization-21 instead
-    pool minus input           AveragePool(k, strides 1, pads k//2, count_include_pad=0), Sub
+    pool minus input           AveragePool with the pool rule (contract.pool_arguments), Sub
     scales and residual        Mul by weight*layer_scale (per channel), by sample_scale (per
                                sample), Add res_scale*x
 
@@ -42,7 +42,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from . import ops
+from . import contract, ops
 from .modules import FusedMetaFormerBlock, FusedPoolFormerBlock, FusedPoolMixer
 
 __all__ = ["check_exportable", "export", "onnx_translation_table", "translate_pool_mixer_forward"]
@@ -83,9 +83,9 @@ def translate_pool_mixer_forward(x, weight, bias, layer_scale, res_scale, sample
     _check_dtype(x.dtype)
     x_float = op.Cast(x, to=ir.DataType.FLOAT)
     normed, mean, rstd = _group_norm(x_float, num_groups, eps)
-    half = pool_size // 2
-    pooled = op.AveragePool(normed, kernel_shape=[pool_size, pool_size], strides=[1, 1],
-                            pads=[half, half, half, half], count_include_pad=0)
+    rule = contract.pool_arguments(pool_size)
+    pooled = op.AveragePool(normed, kernel_shape=[rule["kernel_size"]] * 2, strides=[rule["stride"]] * 2,
+                            pads=[rule["padding"]] * 4, count_include_pad=int(rule["count_include_pad"]))
     mixed = op.Sub(pooled, normed)
     coefficient = _channel_product(weight, layer_scale)
     if coefficient is not None:

@@ -1,4 +1,4 @@
-"""The public entry point ``pool_mixer`` and the choice of backend.
+"""The public entry points ``pool_mixer`` and ``poolformer_block``, and the choice of backend.
 
 The operators live elsewhere: the C++ CPU and CUDA operators in ``fused_poolformer._C``
 (schemas, host prologue and autograd in C++, see ``csrc/``), the Triton operators in
@@ -8,139 +8,50 @@ backends, one call into C++ per direction, which checks the arguments itself.
 """
 
 import re
-import warnings
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from torch import Tensor
 
-from . import contract, reference
+from . import backends as _backends
+from . import block_contract, contract
+from .backends import EXTENSION_ERROR, HAS_CPU_KERNELS, HAS_CUDA_KERNELS, triton_available, triton_interpreted
 
-BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
-
-try:
-    from . import _C  # loading it registers torch.ops.fused_poolformer.*
-
-    EXTENSION_ERROR: Optional[BaseException] = None
-except ImportError as exc:  # not built, or built against another torch
-    EXTENSION_ERROR = exc
-    warnings.warn(
-        f"fused_poolformer: the compiled operators failed to load ({exc}); the 'cpu' and 'cuda' "
-        "backends are unavailable and backend='auto' falls back to the slow unfused graph. "
-        "Rebuild against the installed torch: pip install --no-build-isolation -e .",
-        RuntimeWarning,
-        stacklevel=2,
-    )
-
-
-def _has_kernel(dispatch_key: str) -> bool:
-    if EXTENSION_ERROR is not None:
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key("fused_poolformer::pool_mixer_forward", dispatch_key)
-
-
-# Decided once at import, so that torch.compile sees constants.
-HAS_CPU_KERNELS = _has_kernel("CPU")
-HAS_CUDA_KERNELS = _has_kernel("CUDA")
+# The built-in backend names (``backends.names()`` also lists any registered later).
+BACKENDS = _backends.names()
 
 if EXTENSION_ERROR is None:
-    contract.register_fake_kernels("fused_poolformer::pool_mixer_forward", "fused_poolformer::pool_mixer_backward")
-    CPP_FORWARD = torch.ops.fused_poolformer.pool_mixer_forward.default
-    CPP_BACKWARD = torch.ops.fused_poolformer.pool_mixer_backward.default
+    from . import _C
+
+    CPP_FORWARD, CPP_BACKWARD = _backends.get("cpu").operators()
+else:
+    CPP_FORWARD = CPP_BACKWARD = None
 
 
-# ---------------------------------------------------------------------------------------
-# Triton: imported on first use (it registers its operators when imported).  Cached in a
-# plain dict: torch.compile ignores functools.lru_cache and would trace the body.
+def available_backends(device: str = "cpu") -> List[str]:
+    """Backends that can serve tensors on ``device`` ("cpu" or "cuda") in this process."""
+    return _backends.available_backends(device)
 
-_TRITON: dict = {}
+
+def choose_backend(backend: str, x: Tensor) -> str:
+    """The name of the backend that will serve ``x``; a clear error where the requested
+    one cannot."""
+    return _backends.choose(backend, x).name
+
+
+def forward_operator(backend: str):
+    """The forward operator of a fused backend."""
+    return _backends.get(backend).operators()[0]
+
+
+def backward_operator(backend: str):
+    """The backward operator of a fused backend."""
+    return _backends.get(backend).operators()[1]
 
 
 def triton_operators():
     """The Triton (forward, backward) operators, or None where Triton cannot be imported."""
-    if "ops" not in _TRITON:
-        try:
-            from . import triton as triton_backend
-        except ImportError as exc:
-            _TRITON["ops"], _TRITON["error"] = None, exc
-        else:
-            _TRITON["ops"] = (triton_backend.forward_op, triton_backend.backward_op)
-            _TRITON["interpreted"] = triton_backend.INTERPRETED
-    return _TRITON["ops"]
-
-
-def triton_available() -> bool:
-    return triton_operators() is not None
-
-
-def triton_interpreted() -> bool:
-    """Whether the Triton kernels were defined under TRITON_INTERPRET=1 (so they run on CPU
-    tensors); triton.jit reads the variable when the kernels are imported, not per call."""
-    return triton_available() and _TRITON["interpreted"]
-
-
-def available_backends(device: str = "cpu") -> list:
-    """Backends that can serve tensors on ``device`` ("cpu" or "cuda") in this process."""
-    dev = torch.device(device).type
-    out = []
-    if dev == "cpu" and HAS_CPU_KERNELS:
-        out.append("cpu")
-    if dev == "cuda" and HAS_CUDA_KERNELS:
-        out.append("cuda")
-    if triton_available() and (dev == "cuda" or triton_interpreted()):
-        out.append("triton")
-    out.append("reference")
-    return out
-
-
-def choose_backend(backend: str, x: Tensor) -> str:
-    """The backend that will serve ``x``; a clear error where the requested one cannot."""
-    dev = x.device.type
-    if backend == "auto":
-        if dev == "cpu" and HAS_CPU_KERNELS:
-            return "cpu"
-        if dev == "cuda" and HAS_CUDA_KERNELS:
-            return "cuda"
-        if dev == "cuda" and triton_available():
-            return "triton"
-        return "reference"
-    if backend not in BACKENDS:
-        raise ValueError(f"pool_mixer: backend must be one of {BACKENDS}, got {backend!r}")
-    if backend in ("cpu", "cuda"):
-        if dev != backend:
-            raise ValueError(f"pool_mixer: backend={backend!r} cannot serve a tensor on {x.device}")
-        if EXTENSION_ERROR is not None:
-            raise RuntimeError(f"pool_mixer: backend={backend!r} is unavailable: the extension did not load "
-                               f"({EXTENSION_ERROR})")
-        if not (HAS_CPU_KERNELS if backend == "cpu" else HAS_CUDA_KERNELS):
-            raise RuntimeError(f"pool_mixer: backend={backend!r} is unavailable: the extension was built without "
-                               f"{backend.upper()} kernels")
-    if backend == "triton":
-        if not triton_available():
-            raise RuntimeError(f"pool_mixer: backend='triton' is unavailable: triton cannot be imported "
-                               f"({_TRITON.get('error')})")
-        if dev == "cpu" and not triton_interpreted():
-            raise ValueError(
-                "pool_mixer: backend='triton' serves CPU tensors only when TRITON_INTERPRET=1 was set "
-                "before fused_poolformer.triton was imported"
-            )
-        if dev not in ("cpu", "cuda"):
-            raise ValueError(f"pool_mixer: backend='triton' cannot serve a tensor on {x.device}")
-    return backend
-
-
-def forward_operator(backend: str):
-    """The forward operator of a fused backend ("cpu", "cuda" or "triton")."""
-    if backend in ("cpu", "cuda"):
-        return CPP_FORWARD
-    return triton_operators()[0]
-
-
-def backward_operator(backend: str):
-    """The backward operator of a fused backend ("cpu", "cuda" or "triton")."""
-    if backend in ("cpu", "cuda"):
-        return CPP_BACKWARD
-    return triton_operators()[1]
+    return _backends.get("triton").operators() if triton_available() else None
 
 
 # ---------------------------------------------------------------------------------------
@@ -173,8 +84,10 @@ def pool_mixer(
     (N, C, H, W) float32/float64/float16/bfloat16, NCHW or channels_last (y keeps the
     layout); ``weight``/``bias`` are the GroupNorm affine, ``layer_scale``/``res_scale`` are
     per-channel (C,) vectors, ``sample_scale`` a per-sample (N,) factor (drop path).  Pool
-    is AvgPool2d(pool_size, stride=1, padding=pool_size//2, count_include_pad=False).
-    ``backend`` is "auto", "cpu", "cuda", "triton" or "reference".  Bad arguments raise
+    is AvgPool2d(**contract.pool_arguments(pool_size)): stride 1, "same" padding, the
+    average over the valid taps.
+    ``backend`` is "auto", "cpu", "cuda", "triton", "reference" or one registered with
+    ``fused_poolformer.backends.register_backend``.  Bad arguments raise
     ValueError / TypeError naming the argument.
     """
     # The common case first, with as little Python as possible: the C++ operator checks
@@ -182,8 +95,8 @@ def pool_mixer(
     # as an int, a string for a number) is checked here.
     if (
         isinstance(x, Tensor)
-        and ((x.is_cpu and HAS_CPU_KERNELS and backend in _CPU_FAST)
-             or (x.is_cuda and HAS_CUDA_KERNELS and backend in _CUDA_FAST))
+        and ((x.is_cpu and _backends.HAS_CPU_KERNELS and backend in _CPU_FAST)
+             or (x.is_cuda and _backends.HAS_CUDA_KERNELS and backend in _CUDA_FAST))
         and type(num_groups) is int
         and type(pool_size) is int
         and type(eps) is float
@@ -195,19 +108,18 @@ def pool_mixer(
         return _call_cpp_forward(x, weight, bias, layer_scale, res_scale, sample_scale, num_groups, pool_size, eps)
     if not isinstance(x, Tensor):
         raise TypeError(f"pool_mixer: x must be a Tensor, got {type(x).__name__}")
-    impl = choose_backend(backend, x)
-    if impl == "reference" or impl == "triton":
-        # Neither has a C++ prologue: check in Python (the Triton operators check again when
-        # called directly; that costs microseconds next to their launches).
+    impl = _backends.choose(backend, x)
+    if impl.checks_in_python:
+        # No C++ prologue behind it: check here (a Triton operator checks again when called
+        # directly; that costs microseconds next to its launches).
         contract.check_forward(x, weight, bias, layer_scale, res_scale, sample_scale, num_groups, pool_size, eps)
-        if impl == "reference":
-            return reference.pool_mixer(x, weight, bias, layer_scale=layer_scale, res_scale=res_scale,
-                                        sample_scale=sample_scale, num_groups=num_groups, pool_size=pool_size,
-                                        eps=eps)
-        return triton_operators()[0](x, weight, bias, layer_scale, res_scale, sample_scale, num_groups, pool_size,
-                                     float(eps))[0]
-    contract.check_options(x, num_groups, pool_size, eps)
-    return _call_cpp_forward(x, weight, bias, layer_scale, res_scale, sample_scale, num_groups, pool_size, float(eps))
+    else:
+        contract.check_options(x, num_groups, pool_size, eps)
+    forward = impl.operators()[0]
+    if forward is CPP_FORWARD:
+        return _call_cpp_forward(x, weight, bias, layer_scale, res_scale, sample_scale, num_groups, pool_size,
+                                 float(eps))
+    return forward(x, weight, bias, layer_scale, res_scale, sample_scale, num_groups, pool_size, float(eps))[0]
 
 
 def _call_cpp_forward(x, weight, bias, layer_scale, res_scale, sample_scale, num_groups, pool_size, eps):
@@ -223,3 +135,81 @@ def _call_cpp_forward(x, weight, bias, layer_scale, res_scale, sample_scale, num
         if name is None:
             raise
         raise TypeError(f"pool_mixer: {name.group(1)} must be a Tensor or None; {str(exc).splitlines()[0]}") from None
+
+
+# ---------------------------------------------------------------------------------------
+# The whole block.
+
+
+def _matrix(w):
+    """A 1x1 convolution's (out, in, 1, 1) weight as the operator's (out, in) matrix (a view)."""
+    if isinstance(w, Tensor) and w.dim() == 4 and tuple(w.shape[2:]) == (1, 1):
+        return w.flatten(1)
+    return w
+
+
+def poolformer_block(
+    x: Tensor,
+    *,
+    norm1_weight: Optional[Tensor] = None,
+    norm1_bias: Optional[Tensor] = None,
+    layer_scale1: Optional[Tensor] = None,
+    res_scale1: Optional[Tensor] = None,
+    sample_scale1: Optional[Tensor] = None,
+    num_groups1: int = 1,
+    pool_size: int = 3,
+    eps1: float = 1e-5,
+    norm2_weight: Optional[Tensor] = None,
+    norm2_bias: Optional[Tensor] = None,
+    eps2: float = 1e-5,
+    fc1_weight: Tensor,
+    fc1_bias: Optional[Tensor] = None,
+    fc2_weight: Tensor,
+    fc2_bias: Optional[Tensor] = None,
+    layer_scale2: Optional[Tensor] = None,
+    res_scale2: Optional[Tensor] = None,
+    sample_scale2: Optional[Tensor] = None,
+    activation: str = "gelu",
+    act_scale: Optional[Tensor] = None,
+    act_bias: Optional[Tensor] = None,
+    gemm_dtype: Optional[torch.dtype] = None,
+    save_hidden: bool = True,
+    backend: str = "auto",
+) -> Tensor:
+    """A whole PoolFormer / MetaFormer pooling block in one operator pair (docs/block.md):
+
+        x1  = pool_mixer(x, norm1_weight, norm1_bias, layer_scale1, res_scale1, sample_scale1)
+        out = res_scale2 * x1 + layer_scale2 * sample_scale2 * fc2(act(fc1(GroupNorm(1)(x1))))
+
+    equal (to rounding) to :func:`fused_poolformer.reference.poolformer_block`.  ``fc1_weight``
+    is (hidden, C) (or a 1x1 convolution's (hidden, C, 1, 1)), ``fc2_weight`` (C, hidden);
+    ``activation`` is "gelu", "gelu_tanh" or "star_relu" (with (1,) ``act_scale`` /
+    ``act_bias``).  ``gemm_dtype``: the dtype fc1, the activation and fc2 run in (None: x's,
+    or the autocast dtype inside an autocast region); statistics and epilogues accumulate
+    in float32.  ``save_hidden=False`` saves only x and the (N, .) statistics for the
+    backward, which then runs fc1 once more (``recompute="mlp"`` in the modules).
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"poolformer_block: x must be a Tensor, got {type(x).__name__}")
+    impl = _backends.choose(backend, x, who="poolformer_block", family="block")
+    device_type = x.device.type
+    if gemm_dtype is None and x.dtype != torch.float64 and torch.is_autocast_enabled(device_type):
+        gemm_dtype = torch.get_autocast_dtype(device_type)
+    arguments = (norm1_weight, norm1_bias, layer_scale1, res_scale1, sample_scale1, num_groups1, pool_size, eps1,
+                 norm2_weight, norm2_bias, eps2, _matrix(fc1_weight), fc1_bias, _matrix(fc2_weight), fc2_bias,
+                 layer_scale2, res_scale2, sample_scale2, activation, act_scale, act_bias, gemm_dtype)
+    if impl.checks_in_python:
+        block_contract.check_forward(x, *arguments)
+    else:
+        block_contract.check_scalars(*arguments)
+    forward = impl.operators("block")[0]
+    with torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else _no_context():
+        return forward(x, *arguments, bool(save_hidden))[0]
+
+
+class _no_context:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False

@@ -59,7 +59,7 @@ namespace {
 fpm::MixerShape shape_of(const FpmEmuCall& c) {
   fpm::MixerShape s;
   s.N = c.N, s.C = c.C, s.H = c.H, s.W = c.W, s.G = c.G, s.Cg = c.C / c.G;
-  s.radius = c.pool_size / 2;
+  s.radius = fpm::pool_radius(c.pool_size);
   s.channels_last = c.channels_last != 0;
   return s;
 }

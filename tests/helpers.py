@@ -19,7 +19,7 @@ if ROOT not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, ROOT)
 
 import fused_poolformer  # noqa: E402
-from fused_poolformer import contract, ops, reference  # noqa: E402
+from fused_poolformer import backends, contract, ops, reference  # noqa: E402
 
 # ---------------------------------------------------------------------------------------
 # Backends: which can run here, on which device, and pytest parameters for them.
@@ -33,32 +33,27 @@ TRITON_INTERPRETED_REASON = (
 
 
 def device_of(backend):
-    """The device whose tensors ``backend`` serves in these tests: CUDA for the CUDA kernels,
-    and for Triton where a GPU is present (else Triton runs interpreted on the CPU)."""
-    if backend == "cuda" or (backend == "triton" and HAS_CUDA_DEVICE):
-        return "cuda"
-    return "cpu"
+    """The device whose tensors ``backend`` serves in these tests: the first of its devices
+    that runs compiled code here (CUDA only with a GPU), else one it serves interpreted (Triton
+    on the CPU), else its first."""
+    record = backends.get(backend)
+    compiled = [d for d in record.devices
+                if d not in record.interpreted_devices and (d != "cuda" or HAS_CUDA_DEVICE)]
+    return (compiled or list(record.interpreted_devices) or list(record.devices))[0]
 
 
 def unavailable_reason(backend, interpreted_triton=False):
     """Why ``backend`` cannot run here (None when it can).  ``interpreted_triton``: whether
-    the test is small enough for the Triton interpreter on a machine without a GPU."""
-    if backend == "cpu" and not ops.HAS_CPU_KERNELS:
-        return f"the C++ CPU kernels were not built ({ops.EXTENSION_ERROR or 'extension built without them'})"
-    if backend == "cuda":
-        if not HAS_CUDA_DEVICE:
-            return "no CUDA device"
-        if not ops.HAS_CUDA_KERNELS:
-            return f"the CUDA kernels were not built ({ops.EXTENSION_ERROR or 'extension built without them'})"
-    if backend == "triton":
-        if not ops.triton_available():
-            return "triton cannot be imported"
-        if not HAS_CUDA_DEVICE:
-            if not interpreted_triton:
-                return TRITON_INTERPRETED_REASON
-            if not ops.triton_interpreted():
-                return ("fused_poolformer.triton was imported before TRITON_INTERPRET=1 was set; "
-                        "run the tests in their own pytest process")
+    the test is small enough for an interpreted backend (Triton without a GPU)."""
+    record = backends.get(backend)
+    device = device_of(backend)
+    if device == "cuda" and not HAS_CUDA_DEVICE:
+        return "no CUDA device"
+    reason = record.unavailable_reason(device)
+    if reason is not None:
+        return f"backend {backend!r}: {reason}"
+    if device in record.interpreted_devices and not interpreted_triton:
+        return TRITON_INTERPRETED_REASON
     return None
 
 
@@ -68,8 +63,10 @@ def backend_params(*names, interpreted_triton=False):
     params = []
     for name in names:
         marks = []
-        needs_gpu = name == "cuda" or (name == "triton" and (HAS_CUDA_DEVICE or not interpreted_triton))
-        if needs_gpu:
+        record = backends.get(name)
+        interpreted = device_of(name) in record.interpreted_devices
+        if device_of(name) == "cuda" or (interpreted and not interpreted_triton) or (
+                record.devices == ("cuda",)):
             marks.append(pytest.mark.gpu)
         reason = unavailable_reason(name, interpreted_triton)
         if reason is not None:
@@ -80,9 +77,9 @@ def backend_params(*names, interpreted_triton=False):
 
 # Every backend (the default of the ``backend`` fixture), the fused ones, the fused ones
 # including the Triton interpreter (for tests of a few small calls), the CPU kernels alone.
-ALL_BACKENDS = backend_params("cpu", "cuda", "triton", "reference")
-FUSED = backend_params("cpu", "cuda", "triton")
-FUSED_OR_INTERPRETED = backend_params("cpu", "cuda", "triton", interpreted_triton=True)
+ALL_BACKENDS = backend_params(*(b.name for b in backends.all_backends()))
+FUSED = backend_params(*(b.name for b in backends.all_backends() if b.fused))
+FUSED_OR_INTERPRETED = backend_params(*(b.name for b in backends.all_backends() if b.fused), interpreted_triton=True)
 CPU_KERNELS = backend_params("cpu")
 CPP_BACKENDS = backend_params("cpu", "cuda")  # the C++ operators torch.ops.fused_poolformer.*
 
@@ -90,10 +87,11 @@ CPP_BACKENDS = backend_params("cpu", "cuda")  # the C++ operators torch.ops.fuse
 def fused_backends(device="cpu"):
     """Every backend that runs fused kernels on ``device`` in this process (new ones are
     picked up as they are built)."""
-    # The Triton interpreter is too slow for these sweeps; tests/test_triton.py covers
-    # the Triton kernels on the CPU.
-    skip = ("reference", "triton") if torch.device(device).type == "cpu" else ("reference",)
-    return [b for b in fused_poolformer.available_backends(device) if b not in skip]
+    # An interpreter is too slow for these sweeps; tests/test_triton.py covers the Triton
+    # kernels on the CPU.
+    kind = torch.device(device).type
+    return [b.name for b in backends.all_backends()
+            if b.fused and b.serves(kind) and kind not in b.interpreted_devices]
 
 
 # ---------------------------------------------------------------------------------------

@@ -312,7 +312,7 @@ def test_tiles_of_poolformer_stages_hold_whole_vectors():
         for dtype in (torch.float32, torch.bfloat16):
             for channels_last in (False, True):
                 size = torch.empty((), dtype=dtype).element_size()
-                geo = common.Geometry((64, C, H, H), size, channels_last, 1, 3)
+                geo = common.TileGeometry((64, C, H, H), size, channels_last, 1, 3)
                 if geo.vec * size < common.VECTOR_BYTES:
                     continue  # NCHW 14x14 and 7x7: no row starts on a 16-byte boundary
                 configs = common.CHANNELS_LAST_CONFIGS if channels_last else common.NCHW_CONFIGS

@@ -1,12 +1,12 @@
 // CPU backward of the fused pool mixer: one pass of per-task sums of D * dy (and x * dy
 // when dres_scale is asked for), fixed-order folds into S[n, g] and the parameter
 // gradients, then one pass that writes dx.  Helpers and the traversals are described in
-// kernels.h; formulas in DESIGN.md section 2.
+// traversal.h, the formulas in docs/math.md; registration in operators.cpp.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <torch/library.h>
 
-#include "kernels.h"
+#include "api.h"
+#include "traversal.h"
 
 namespace fused_poolformer {
 namespace cpu {
@@ -14,11 +14,11 @@ namespace {
 
 // ---------------------------------------------------------------------------------------
 // Pass 1: per work item, the sums of D * dy (and x * dy) for every (n, c) it touches,
-// written to d / xdy at [chunk][n * C + c] (one chunk for flat planes).
+// written to ddy / xdy at [chunk][n * C + c] (one chunk for flat planes).
 
 template <typename acc_t>
 struct Partials {
-  acc_t* d;    // sums of D * dy
+  acc_t* ddy;  // sums of D * dy
   acc_t* xdy;  // sums of x * dy (nullptr: not asked for)
 };
 
@@ -26,7 +26,7 @@ template <bool kXdy, typename scalar_t, typename acc_t>
 struct SumsPass {
   using Vec = Vectorized<acc_t>;
   static constexpr int64_t V = kLanes<acc_t>;
-  const Geometry<acc_t>& g;
+  const WorkSplit<acc_t>& g;
   const scalar_t* x;
   const scalar_t* dy;
   const Factors<acc_t>& f;
@@ -70,7 +70,7 @@ struct SumsPass {
       strip_box_sums<R, NV>(g, st.h_begin, st.h_end, col, source, column, emit);
       const int64_t at = st.chunk * g.N * C + st.n * C + st.c0;
       unrolled<NV>([&](auto k) FPM_LAMBDA_INLINE {
-        store(out.d + at + k * V, acc_d[k], lanes(k));
+        store(out.ddy + at + k * V, acc_d[k], lanes(k));
         if constexpr (kXdy) store(out.xdy + at + k * V, acc_x[k], lanes(k));
       });
     });
@@ -93,7 +93,7 @@ struct SumsPass {
       if constexpr (kXdy) acc_x += first_lanes(load<acc_t>(xp + i, n) * grad, n);
     };
     plane_box_sums<R>(g, s, source, emit);
-    out.d[plane] = lane_sum(acc_d);
+    out.ddy[plane] = lane_sum(acc_d);
     if constexpr (kXdy) out.xdy[plane] = lane_sum(acc_x);
   }
 
@@ -126,7 +126,7 @@ struct SumsPass {
     };
     row_box_sums<R>(g, r.h_begin, r.h_end, col, source, column, emit);
     const int64_t at = r.chunk * g.N * g.C + r.plane;
-    out.d[at] = lane_sum(acc_d);
+    out.ddy[at] = lane_sum(acc_d);
     if constexpr (kXdy) out.xdy[at] = lane_sum(acc_x);
   }
 };
@@ -147,7 +147,7 @@ template <typename scalar_t, typename acc_t>
 struct InputGradientPass {
   using Vec = Vectorized<acc_t>;
   static constexpr int64_t V = kLanes<acc_t>;
-  const Geometry<acc_t>& g;
+  const WorkSplit<acc_t>& g;
   const scalar_t* x;
   const scalar_t* dy;
   scalar_t* dx;
@@ -244,6 +244,28 @@ struct InputGradientPass {
 // ---------------------------------------------------------------------------------------
 // The launcher.
 
+// T[c] = sum_n rstd * sample_scale * sum(D * dy) and sum(x * dy) from the per-(n, c) sums
+// (chunks already folded), in a fixed order; then every requested (C,) gradient.
+template <bool kXdy, typename scalar_t, typename acc_t>
+void write_parameter_gradients(const BackwardProblem& p, const Partials<acc_t>& partial,
+                               acc_t* channel_t, acc_t* channel_xdy) {
+  const MixerShape& s = p.shape;
+  const int64_t N = s.N, C = s.C, G = s.G;
+  const acc_t* rstd = p.rstd.const_data_ptr<acc_t>();
+  std::fill(channel_t, channel_t + C, acc_t(0));
+  std::fill(channel_xdy, channel_xdy + C, acc_t(0));
+  for (int64_t n = 0; n < N; ++n) {
+    const acc_t sample = p.params.sample_factor<scalar_t, acc_t>(n);
+    for (int64_t c = 0; c < C; ++c) {
+      channel_t[c] += rstd[n * G + c / s.Cg] * sample * partial.ddy[n * C + c];
+      if constexpr (kXdy) channel_xdy[c] += partial.xdy[n * C + c];
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    p.grads.write<scalar_t, acc_t>(p.params, c, channel_t[c], channel_xdy[c]);
+  }
+}
+
 template <bool kXdy, typename scalar_t>
 void backward_with(const BackwardProblem& p) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -255,7 +277,7 @@ void backward_with(const BackwardProblem& p) {
   const acc_t* rstd = p.rstd.const_data_ptr<acc_t>();
   const bool want_dx = p.grad_x.defined();
   scalar_t* dx = want_dx ? p.grad_x.mutable_data_ptr<scalar_t>() : nullptr;
-  Geometry<acc_t> g = make_geometry<acc_t>(s, 2 * C * s.H * s.W * int64_t(sizeof(scalar_t)));
+  WorkSplit<acc_t> g = make_work_split<acc_t>(s, 2 * C * s.H * s.W * int64_t(sizeof(scalar_t)));
   const int64_t partial_count = g.partial_chunks() * N * C;
 
   Workspace ws;
@@ -265,7 +287,7 @@ void backward_with(const BackwardProblem& p) {
   ws.fit([&](Workspace& a) {
     take_tables(g, a);
     f.take(a, s);
-    partial.d = a.take<acc_t>(partial_count);
+    partial.ddy = a.take<acc_t>(partial_count);
     partial.xdy = kXdy ? a.take<acc_t>(partial_count) : nullptr;
     corr = a.take<acc_t>(N * C);
     group_s = a.take<acc_t>(N * G);
@@ -287,14 +309,14 @@ void backward_with(const BackwardProblem& p) {
   auto finish_sample = [&](int64_t n) {
     for (int64_t chunk = 1; chunk < g.partial_chunks(); ++chunk) {
       for (int64_t i = n * C; i < (n + 1) * C; ++i) {
-        partial.d[i] += partial.d[chunk * N * C + i];
+        partial.ddy[i] += partial.ddy[chunk * N * C + i];
         if constexpr (kXdy) partial.xdy[i] += partial.xdy[chunk * N * C + i];
       }
     }
     const acc_t sample = p.params.sample_factor<scalar_t, acc_t>(n);
     for (int64_t i = 0; i < G; ++i) {
       acc_t sum = 0;
-      for (int64_t c = i * s.Cg; c < (i + 1) * s.Cg; ++c) sum += f.channel[c] * sample * partial.d[n * C + c];
+      for (int64_t c = i * s.Cg; c < (i + 1) * s.Cg; ++c) sum += f.channel[c] * sample * partial.ddy[n * C + c];
       group_s[n * G + i] = sum;
       const acc_t r = rstd[n * G + i];
       std::fill(corr + n * C + i * s.Cg, corr + n * C + (i + 1) * s.Cg, r * r * r * sum * inv_numel);
@@ -322,20 +344,7 @@ void backward_with(const BackwardProblem& p) {
     if (want_dx) run_tasks(g, gradient_pass);
   }
 
-  // T[c] = sum_n rstd * sample_scale * sum(D * dy) and sum(x * dy), in a fixed order.
-  if (!p.grads.any()) return;
-  std::fill(channel_t, channel_t + C, acc_t(0));
-  std::fill(channel_xdy, channel_xdy + C, acc_t(0));
-  for (int64_t n = 0; n < N; ++n) {
-    const acc_t sample = p.params.sample_factor<scalar_t, acc_t>(n);
-    for (int64_t c = 0; c < C; ++c) {
-      channel_t[c] += rstd[n * G + c / s.Cg] * sample * partial.d[n * C + c];
-      if constexpr (kXdy) channel_xdy[c] += partial.xdy[n * C + c];
-    }
-  }
-  for (int64_t c = 0; c < C; ++c) {
-    p.grads.write<scalar_t, acc_t>(p.params, c, channel_t[c], channel_xdy[c]);
-  }
+  if (p.grads.any()) write_parameter_gradients<kXdy, scalar_t>(p, partial, channel_t, channel_xdy);
 }
 
 template <typename scalar_t>
@@ -347,28 +356,12 @@ void backward_kernel(const BackwardProblem& p) {
   }
 }
 
+}  // namespace
+
 void launch_backward(const BackwardProblem& p) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(),
                                   "pool_mixer_backward_cpu", [&] { backward_kernel<scalar_t>(p); });
 }
 
-BackwardResult pool_mixer_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x,
-                                       const at::Tensor& mean, const at::Tensor& rstd,
-                                       const OptionalTensor& weight, const OptionalTensor& bias,
-                                       const OptionalTensor& layer_scale,
-                                       const OptionalTensor& res_scale,
-                                       const OptionalTensor& sample_scale, int64_t num_groups,
-                                       int64_t pool_size, double eps,
-                                       std::array<bool, 5> output_mask) {
-  return run_backward(grad_y, x, mean, rstd, weight, bias, layer_scale, res_scale, sample_scale,
-                      num_groups, pool_size, eps, output_mask, at::kCPU, &launch_backward);
-}
-
-}  // namespace
 }  // namespace cpu
-
-TORCH_LIBRARY_IMPL(fused_poolformer, CPU, m) {
-  m.impl("pool_mixer_backward", &cpu::pool_mixer_backward_cpu);
-}
-
 }  // namespace fused_poolformer

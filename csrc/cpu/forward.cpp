@@ -1,11 +1,11 @@
 // CPU forward of the fused pool mixer: GroupNorm statistics (fixed blocks, merged in a
 // fixed order), then one pass that writes y = res * x + a * rstd * (P x - x).  Helpers
-// and the traversals are described in kernels.h.
+// and the traversals are described in traversal.h; registration in operators.cpp.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <torch/library.h>
 
-#include "kernels.h"
+#include "api.h"
+#include "traversal.h"
 
 namespace fused_poolformer {
 namespace cpu {
@@ -171,7 +171,7 @@ template <typename scalar_t, typename acc_t>
 struct ApplyPass {
   using Vec = Vectorized<acc_t>;
   static constexpr int64_t V = kLanes<acc_t>;
-  const Geometry<acc_t>& g;
+  const WorkSplit<acc_t>& g;
   const scalar_t* x;
   scalar_t* y;
   const Factors<acc_t>& f;
@@ -275,7 +275,7 @@ void forward_with(const ForwardProblem& p, const Stats& stats) {
   scalar_t* y = p.y.mutable_data_ptr<scalar_t>();
   acc_t* mean = p.mean.mutable_data_ptr<acc_t>();
   acc_t* rstd = p.rstd.mutable_data_ptr<acc_t>();
-  Geometry<acc_t> g = make_geometry<acc_t>(s, s.C * s.H * s.W * int64_t(sizeof(scalar_t)));
+  WorkSplit<acc_t> g = make_work_split<acc_t>(s, s.C * s.H * s.W * int64_t(sizeof(scalar_t)));
   const int64_t stats_tasks = s.N * stats.tasks_per_sample();
 
   Workspace ws;
@@ -344,25 +344,12 @@ void forward_kernel(const ForwardProblem& p) {
   }
 }
 
+}  // namespace
+
 void launch_forward(const ForwardProblem& p) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(),
                                   "pool_mixer_forward_cpu", [&] { forward_kernel<scalar_t>(p); });
 }
 
-ForwardResult pool_mixer_forward_cpu(const at::Tensor& x, const OptionalTensor& weight,
-                                     const OptionalTensor& bias, const OptionalTensor& layer_scale,
-                                     const OptionalTensor& res_scale,
-                                     const OptionalTensor& sample_scale, int64_t num_groups,
-                                     int64_t pool_size, double eps) {
-  return run_forward(x, weight, bias, layer_scale, res_scale, sample_scale, num_groups,
-                     pool_size, eps, at::kCPU, &launch_forward);
-}
-
-}  // namespace
 }  // namespace cpu
-
-TORCH_LIBRARY_IMPL(fused_poolformer, CPU, m) {
-  m.impl("pool_mixer_forward", &cpu::pool_mixer_forward_cpu);
-}
-
 }  // namespace fused_poolformer

@@ -368,8 +368,8 @@ struct TileArgs {
   const acc_t* rstd = nullptr;
   const acc_t* s_ng = nullptr;                     // kDx: S[n, g]
   acc_t inv_group_numel = 0;                       // kDx: 1 / M
-  acc_t* partial_d = nullptr;                      // kSums: (N, C, slots) sums of D * dy
-  acc_t* partial_x = nullptr;                      //        and of x * dy
+  acc_t* partial_ddy = nullptr;                    // kSums: (N, C, slots) sums of D * dy
+  acc_t* partial_xdy = nullptr;                    //        and of x * dy
 };
 
 // The block's tile: origin, valid extents, and its (o, m, i) origin in the sample array.
@@ -739,8 +739,8 @@ FPM_DEVICE void reduce_products(const TilePlan& p, const Tile& t, const TileArgs
   const int slot = t.th_i * p.tiles_w + t.tw_i;
   auto write = [&](int c, acc_t d, acc_t xdy) {
     const int64_t at = (t.n * p.C + t.c0 + c) * p.slots + slot;
-    simt::store_global(a.partial_d + at, d);
-    simt::store_global(a.partial_x + at, xdy);
+    simt::store_global(a.partial_ddy + at, d);
+    simt::store_global(a.partial_xdy + at, xdy);
   };
   if (!p.channels_last) {
     // A warp per channel: its TH x TWp products are contiguous.
@@ -850,8 +850,8 @@ inline FoldPlan plan_fold(const MixerShape& s, int slots) {
 }
 
 template <typename scalar_t, typename acc_t>
-FPM_KERNEL(4) fold_kernel(const FoldPlan f, const acc_t* __restrict__ partial_d,
-                       const acc_t* __restrict__ partial_x, const acc_t* __restrict__ rstd,
+FPM_KERNEL(4) fold_kernel(const FoldPlan f, const acc_t* __restrict__ partial_ddy,
+                       const acc_t* __restrict__ partial_xdy, const acc_t* __restrict__ rstd,
                        const MixerParams params, const ParamGrads grads, acc_t* __restrict__ s_ng) {
   const int64_t group_blocks = f.N * f.G;
   const int tid = simt::thread_index();
@@ -864,7 +864,7 @@ FPM_KERNEL(4) fold_kernel(const FoldPlan f, const acc_t* __restrict__ partial_d,
     for (int i = tid; i < f.Cg * f.slots; i += kThreads) {
       const int c = c0 + i / f.slots;
       sum += params.channel_factor<scalar_t, acc_t>(c) * sample *
-             simt::load_global(partial_d + (n * f.C + c) * f.slots + i % f.slots);
+             simt::load_global(partial_ddy + (n * f.C + c) * f.slots + i % f.slots);
     }
     simt::SharedCarver carver{simt::dynamic_shared_memory()};
     block_sum2(sum, unused, carver.take<acc_t>(2 * simt::kWarps));
@@ -878,8 +878,8 @@ FPM_KERNEL(4) fold_kernel(const FoldPlan f, const acc_t* __restrict__ partial_d,
     const int64_t at = (n * f.C + c) * f.slots;
     acc_t d = 0;
     for (int slot = 0; slot < f.slots; ++slot) {
-      d += simt::load_global(partial_d + at + slot);
-      xdy += simt::load_global(partial_x + at + slot);
+      d += simt::load_global(partial_ddy + at + slot);
+      xdy += simt::load_global(partial_xdy + at + slot);
     }
     t += simt::load_global(rstd + n * f.G + c / f.Cg) * params.sample_factor<scalar_t, acc_t>(n) * d;
   }

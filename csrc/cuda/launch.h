@@ -82,19 +82,19 @@ void run_backward_kernels(const BackwardCall<scalar_t, acc_t>& call, const Devic
   const TilePlan sums = plan_backward_sums<scalar_t, acc_t>(s, dev);
   const FoldPlan fold = plan_fold(s, sums.slots);
   const size_t partial_numel = backward_partial_numel(s, sums);
-  auto* partial_d = static_cast<acc_t*>(allocate(backward_workspace_bytes_for<acc_t>(s, sums)));
-  acc_t* partial_x = partial_d + partial_numel;
-  acc_t* s_ng = partial_x + partial_numel;
+  auto* partial_ddy = static_cast<acc_t*>(allocate(backward_workspace_bytes_for<acc_t>(s, sums)));
+  acc_t* partial_xdy = partial_ddy + partial_numel;
+  acc_t* s_ng = partial_xdy + partial_numel;
 
   TileArgs<scalar_t, acc_t> a;
   a.x = call.x;
   a.dy = call.grad_y;
   a.params = call.params;
-  a.partial_d = partial_d;
-  a.partial_x = partial_x;
+  a.partial_ddy = partial_ddy;
+  a.partial_xdy = partial_xdy;
   launch_tiles<scalar_t, acc_t, kSums>(sums, a, stream);
   simt::launch(&fold_kernel<scalar_t, acc_t>, fold.blocks, fold_smem_bytes<acc_t>(), stream, fold,
-               static_cast<const acc_t*>(partial_d), static_cast<const acc_t*>(partial_x), call.rstd,
+               static_cast<const acc_t*>(partial_ddy), static_cast<const acc_t*>(partial_xdy), call.rstd,
                call.params, call.grads, s_ng);
   if (call.grad_x == nullptr) return;
   const TilePlan dx = plan_tiles(s, sizeof(scalar_t), sizeof(acc_t), kDx, kTileBlocksPerSM<scalar_t>, dev);

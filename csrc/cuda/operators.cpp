@@ -13,6 +13,7 @@
 #include <mutex>
 #include <unordered_map>
 
+#include "../block.h"
 #include "../host.h"
 #include "api.h"
 
@@ -115,12 +116,28 @@ BackwardResult pool_mixer_backward_cuda(const at::Tensor& grad_y, const at::Tens
                       pool_size, eps, output_mask, at::kCUDA, &launch_backward, &backward_workspace);
 }
 
+// The block: the mixer above through the dispatcher, the MLP branch on cuBLAS (block_host.cpp).
+BlockForwardResult block_forward_cuda(const at::Tensor& x, FPM_BLOCK_PARAMETERS, bool save_hidden) {
+  return run_block_forward(x, block_args(FPM_BLOCK_ARGUMENTS), save_hidden, at::kCUDA);
+}
+
+BlockBackwardResult block_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x,
+                                        const at::Tensor& hidden, const at::Tensor& mean1,
+                                        const at::Tensor& rstd1, const at::Tensor& mean2,
+                                        const at::Tensor& rstd2, FPM_BLOCK_PARAMETERS,
+                                        BlockMask output_mask) {
+  return run_block_backward(grad_out, x, hidden, mean1, rstd1, mean2, rstd2,
+                            block_args(FPM_BLOCK_ARGUMENTS), output_mask, at::kCUDA);
+}
+
 }  // namespace
 }  // namespace cuda_kernels
 
 TORCH_LIBRARY_IMPL(fused_poolformer, CUDA, m) {
   m.impl("pool_mixer_forward", &cuda_kernels::pool_mixer_forward_cuda);
   m.impl("pool_mixer_backward", &cuda_kernels::pool_mixer_backward_cuda);
+  m.impl("block_forward", &cuda_kernels::block_forward_cuda);
+  m.impl("block_backward", &cuda_kernels::block_backward_cuda);
 }
 
 }  // namespace fused_poolformer

@@ -375,7 +375,7 @@ inline TilePlan plan_tiles(const MixerShape& s, int scalar_size, int acc_size, i
     if (better) best = q, best_score = score, best_fills = fills;
   }
   if (best_score < 0) {
-    plan_error("pool_size " + std::to_string(2 * s.radius + 1) + " on a " + std::to_string(s.H) +
+    plan_error("pool_size " + std::to_string(pool_size_of(s.radius)) + " on a " + std::to_string(s.H) +
                "x" + std::to_string(s.W) + " plane needs more shared memory than the device has; "
                "use backend='cpu' or 'reference'");
   }

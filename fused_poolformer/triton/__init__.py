@@ -33,15 +33,15 @@ from torch.library import triton_op, wrap_triton
 from .. import contract
 from . import backward, forward
 from .common import INTERPRET as INTERPRETED
-from .common import Geometry
+from .common import TileGeometry
 
 __all__ = ["INTERPRETED", "backward_op", "forward_op", "geometry"]
 
 
-def geometry(x: Tensor, num_groups: int, pool_size: int) -> Geometry:
+def geometry(x: Tensor, num_groups: int, pool_size: int) -> TileGeometry:
     """The tile geometry of a (dense) x."""
     channels_last = contract.dense_format(x) == torch.channels_last
-    return Geometry(x.shape, x.element_size(), channels_last, num_groups, pool_size)
+    return TileGeometry(x.shape, x.element_size(), channels_last, num_groups, pool_size)
 
 
 def _launch(launches) -> None:

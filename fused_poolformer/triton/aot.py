@@ -33,7 +33,7 @@ from triton.runtime.jit import create_function_from_signature
 
 from .. import contract
 from . import backward, forward
-from .common import INTERPRET, Geometry
+from .common import INTERPRET, TileGeometry
 
 BIN_DIR = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 _OPTION_NAMES = ("num_warps", "num_stages", "num_ctas", "maxnreg")
@@ -108,7 +108,7 @@ def launches(case: Case):
     """(kernel, grid, kwargs) of the forward and the backward of one case, with every
     optional vector present and every gradient requested."""
     x, p = _stand_ins(case)
-    geo = Geometry(case.shape, x.element_size(), case.channels_last, case.num_groups, case.pool_size)
+    geo = TileGeometry(case.shape, x.element_size(), case.channels_last, case.num_groups, case.pool_size)
     acc = contract.stats_dtype(case.dtype)
     mean = torch.empty((geo.N, geo.G), dtype=acc)
     rstd = torch.empty_like(mean)

@@ -23,7 +23,7 @@ import triton.language as tl
 
 from .common import (
     INTERPRET,
-    Geometry,
+    TileGeometry,
     autotuned,
     channel_factors,
     cl_tile_setup,
@@ -64,15 +64,15 @@ _PARAM_ROWS = 256  # (sample, slot) partials per step of a parameter-gradient pr
 # ---------------------------------------------------------------------------------------
 # Pass 1: per-tile sums.  Program (n, g, k) loops over the k-th chunk of group (n, g)'s
 # tiles; for each tile and channel c it writes
-#     part_t[c, n, slot] = rstd * sample_scale * sum(D * dy)      (T[c] once summed)
-#     part_x[c, n, slot] = sum(x * dy)                              (dres_scale)
+#     partial_t[c, n, slot] = rstd * sample_scale * sum(D * dy)      (T[c] once summed)
+#     partial_xdy[c, n, slot] = sum(x * dy)                              (dres_scale)
 # (slot = the tile's place in the plane), and at the end
-#     part_s[n, g, k]    = sum over its tiles and channels of a * D * dy.
+#     partial_s[n, g, k]    = sum over its tiles and channels of a * D * dy.
 
 
 @triton.jit
 def _sums_kernel(x_ptr, dy_ptr, mean_ptr, rstd_ptr, weight_ptr, layer_ptr, sample_ptr,
-                 part_t_ptr, part_x_ptr, part_s_ptr, N, G, CG_V, PARTS,
+                 partial_t_ptr, partial_xdy_ptr, partial_s_ptr, N, G, CG_V, PARTS,
                  HAS_WEIGHT: tl.constexpr, HAS_LAYER: tl.constexpr, HAS_SAMPLE: tl.constexpr,
                  H: tl.constexpr, W: tl.constexpr, VEC: tl.constexpr, VEC_C: tl.constexpr,
                  CHANNELS_LAST: tl.constexpr, RADIUS_H: tl.constexpr, RADIUS_W: tl.constexpr,
@@ -99,7 +99,7 @@ def _sums_kernel(x_ptr, dy_ptr, mean_ptr, rstd_ptr, weight_ptr, layer_ptr, sampl
     dy_base = dy_ptr + base
     tiles = tl.cdiv(Cg, TC) * SLOTS
     per_part = tl.cdiv(tiles, PARTS)
-    rows = N * SLOTS  # partials per channel in part_t and part_x
+    rows = N * SLOTS  # partials per channel in partial_t and partial_xdy
     group_sum = tl.zeros([], ACC)
     for q in range(k * per_part, tl.minimum((k + 1) * per_part, tiles)):
         cb = q // SLOTS
@@ -142,12 +142,12 @@ def _sums_kernel(x_ptr, dy_ptr, mean_ptr, rstd_ptr, weight_ptr, layer_ptr, sampl
         channel = (ng % G) * Cg + c_in_group
         channel_ok = c_in_group < Cg
         at = channel.to(tl.int64) * rows + n * SLOTS + slot
-        tl.store(part_t_ptr + at, t_factor * sum_d, mask=channel_ok)
-        tl.store(part_x_ptr + at, sum_x, mask=channel_ok)
+        tl.store(partial_t_ptr + at, t_factor * sum_d, mask=channel_ok)
+        tl.store(partial_xdy_ptr + at, sum_x, mask=channel_ok)
         factor = vector_or_ones(weight_ptr, channel, channel_ok, HAS_WEIGHT, ACC) * vector_or_ones(
             layer_ptr, channel, channel_ok, HAS_LAYER, ACC)
         group_sum += tl.sum(tl.where(channel_ok, factor * sum_d, 0.0), axis=0)
-    tl.store(part_s_ptr + pid, sample * group_sum)
+    tl.store(partial_s_ptr + pid, sample * group_sum)
 
 
 # ---------------------------------------------------------------------------------------
@@ -155,7 +155,7 @@ def _sums_kernel(x_ptr, dy_ptr, mean_ptr, rstd_ptr, weight_ptr, layer_ptr, sampl
 
 
 @triton.jit
-def _parameter_gradients(c, part_t_ptr, part_x_ptr, weight_ptr, layer_ptr, dweight_ptr, dbias_ptr, dlayer_ptr,
+def _parameter_gradients(c, partial_t_ptr, partial_xdy_ptr, weight_ptr, layer_ptr, dweight_ptr, dbias_ptr, dlayer_ptr,
                          dres_ptr, ROWS, HAS_WEIGHT: tl.constexpr, HAS_LAYER: tl.constexpr,
                          WANT_DW: tl.constexpr, WANT_DB: tl.constexpr, WANT_DLS: tl.constexpr,
                          WANT_DRES: tl.constexpr, BLOCK_ROWS: tl.constexpr, ACC: tl.constexpr):
@@ -167,8 +167,8 @@ def _parameter_gradients(c, part_t_ptr, part_x_ptr, weight_ptr, layer_ptr, dweig
     for r0 in range(0, ROWS, BLOCK_ROWS):
         r = r0 + tl.arange(0, BLOCK_ROWS)
         at = c.to(tl.int64) * ROWS + r
-        t_sum += pairwise_sum(tl.load(part_t_ptr + at, mask=r < ROWS, other=0.0))
-        x_sum += pairwise_sum(tl.load(part_x_ptr + at, mask=r < ROWS, other=0.0))
+        t_sum += pairwise_sum(tl.load(partial_t_ptr + at, mask=r < ROWS, other=0.0))
+        x_sum += pairwise_sum(tl.load(partial_xdy_ptr + at, mask=r < ROWS, other=0.0))
     if WANT_DW:
         dw = t_sum
         if HAS_LAYER:
@@ -192,7 +192,7 @@ def dx_output(dy, pooled_t, x, mean, coef, res, corr):
 
 
 @triton.jit
-def _dx_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, part_t_ptr, part_x_ptr, part_s_ptr,
+def _dx_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, partial_t_ptr, partial_xdy_ptr, partial_s_ptr,
                weight_ptr, layer_ptr, res_ptr, sample_ptr, dweight_ptr, dbias_ptr, dlayer_ptr, dres_ptr,
                N, G, CG_V, PARTS, ROWS, PARAM_PROGRAMS,
                HAS_WEIGHT: tl.constexpr, HAS_LAYER: tl.constexpr, HAS_RES: tl.constexpr,
@@ -210,7 +210,7 @@ def _dx_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, part_t_ptr, part_x_ptr
     # One program per channel for the parameter gradients, first, so that they start early
     # and overlap the tiles.
     if pid < PARAM_PROGRAMS:
-        _parameter_gradients(pid, part_t_ptr, part_x_ptr, weight_ptr, layer_ptr, dweight_ptr, dbias_ptr,
+        _parameter_gradients(pid, partial_t_ptr, partial_xdy_ptr, weight_ptr, layer_ptr, dweight_ptr, dbias_ptr,
                              dlayer_ptr, dres_ptr, ROWS, HAS_WEIGHT, HAS_LAYER, WANT_DW, WANT_DB, WANT_DLS,
                              WANT_DRES, PARAM_ROWS, ACC)
     elif WRITE_DX:
@@ -222,7 +222,7 @@ def _dx_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, part_t_ptr, part_x_ptr
         mean = tl.load(mean_ptr + ng)
         rstd = tl.load(rstd_ptr + ng)
         p = tl.arange(0, PARTS_P2)
-        group_sum = pairwise_sum(tl.load(part_s_ptr + ng * PARTS + p, mask=p < PARTS, other=0.0))
+        group_sum = pairwise_sum(tl.load(partial_s_ptr + ng * PARTS + p, mask=p < PARTS, other=0.0))
         corr = divide(rstd * rstd * rstd * group_sum, tl.zeros([], ACC) + Cg * H * W)
         factor = rstd
         if HAS_SAMPLE:
@@ -271,7 +271,7 @@ class SumsPlan:
     ``fitting_tiles``) and how each group's tiles are shared among its programs: fixed by
     the shape."""
 
-    def __init__(self, geo: Geometry):
+    def __init__(self, geo: TileGeometry):
         if geo.channels_last:
             candidates = [triton.Config({"TILE_P": p, "TILE_C": c, "TILE_W": w, "TILE_H": h}, num_warps=warps)
                           for p, c, w, h, warps in _SUMS_CL_TILES]
@@ -288,7 +288,7 @@ class SumsPlan:
         self.rows = geo.N * self.slots  # partials per channel of T and sum x * dy
 
 
-def workspace_numel(geo: Geometry) -> int:
+def workspace_numel(geo: TileGeometry) -> int:
     """Elements of the backward workspace: the T and x * dy partials of every channel and
     the S partials of every group."""
     plan = SumsPlan(geo)
@@ -296,15 +296,15 @@ def workspace_numel(geo: Geometry) -> int:
 
 
 def backward_launches(x, dy, dx, mean, rstd, workspace, weight, layer_scale, res_scale, sample_scale,
-                      grads, geo: Geometry):
+                      grads, geo: TileGeometry):
     """The two launches of the backward as (kernel, grid, keyword arguments).  ``grads`` holds
     (dweight, dbias, dlayer_scale, dres_scale), None where not asked for; dx is None when
     not asked for."""
     plan = SumsPlan(geo)
     channel_partials = geo.C * plan.rows
-    part_t = workspace[:channel_partials]
-    part_x = workspace[channel_partials:2 * channel_partials]
-    part_s = workspace[2 * channel_partials:]
+    partial_t = workspace[:channel_partials]
+    partial_xdy = workspace[channel_partials:2 * channel_partials]
+    partial_s = workspace[2 * channel_partials:]
     shape = geo.shape_args()
     placeholder = rstd
     vectors = dict(
@@ -314,14 +314,15 @@ def backward_launches(x, dy, dx, mean, rstd, workspace, weight, layer_scale, res
         HAS_WEIGHT=weight is not None, HAS_LAYER=layer_scale is not None, HAS_SAMPLE=sample_scale is not None,
     )
     sums = (_sums_kernel, (geo.N * geo.G * plan.parts,), dict(
-        x_ptr=x, dy_ptr=dy, mean_ptr=mean, rstd_ptr=rstd, part_t_ptr=part_t, part_x_ptr=part_x,
-        part_s_ptr=part_s, N=geo.N, PARTS=plan.parts, **vectors, **{**shape, **plan.tile}, num_warps=plan.num_warps,
+        x_ptr=x, dy_ptr=dy, mean_ptr=mean, rstd_ptr=rstd,
+        partial_t_ptr=partial_t, partial_xdy_ptr=partial_xdy, partial_s_ptr=partial_s,
+        N=geo.N, PARTS=plan.parts, **vectors, **{**shape, **plan.tile}, num_warps=plan.num_warps,
     ))
     dweight, dbias, dlayer, dres = grads
     param_programs = geo.C if any(g is not None for g in grads) else 0
     dx_args = dict(
         x_ptr=x, dy_ptr=dy, dx_ptr=placeholder if dx is None else dx, mean_ptr=mean, rstd_ptr=rstd,
-        part_t_ptr=part_t, part_x_ptr=part_x, part_s_ptr=part_s,
+        partial_t_ptr=partial_t, partial_xdy_ptr=partial_xdy, partial_s_ptr=partial_s,
         res_ptr=placeholder if res_scale is None else res_scale,
         dweight_ptr=placeholder if dweight is None else dweight,
         dbias_ptr=placeholder if dbias is None else dbias,

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .common import (
     INTERPRET,
-    Geometry,
+    TileGeometry,
     autotuned,
     channel_factors,
     cl_tile_setup,
@@ -199,7 +199,7 @@ _APPLY = {cl: autotuned(_apply_kernel, cl) for cl in (False, True)}
 class StatisticsPlan:
     """How the statistics pass cuts each group (fixed by the shape)."""
 
-    def __init__(self, geo: Geometry):
+    def __init__(self, geo: TileGeometry):
         self.contiguous = not geo.channels_last or geo.G == 1
         self.vec = geo.vec
         size = geo.Cg * geo.H * geo.W
@@ -227,7 +227,7 @@ def _split_eps(eps: float) -> Tuple[float, float]:
 
 
 def forward_launches(x: Tensor, y: Tensor, mean: Tensor, rstd: Tensor, workspace: Optional[Tensor],
-                     weight, layer_scale, res_scale, sample_scale, geo: Geometry, eps: float):
+                     weight, layer_scale, res_scale, sample_scale, geo: TileGeometry, eps: float):
     """The two launches of the forward as (kernel, grid, keyword arguments)."""
     stats = StatisticsPlan(geo)
     groups = geo.N * geo.G
@@ -254,6 +254,6 @@ def forward_launches(x: Tensor, y: Tensor, mean: Tensor, rstd: Tensor, workspace
     return [statistics, apply]
 
 
-def workspace_numel(geo: Geometry) -> int:
+def workspace_numel(geo: TileGeometry) -> int:
     """Elements of the forward workspace: a (count, mean, M2, -) record per chunk."""
     return RECORD * geo.N * geo.G * StatisticsPlan(geo).parts

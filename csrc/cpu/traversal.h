@@ -254,7 +254,7 @@ using Workspace = Arena<8192>;
 using Scratch = Arena<16384>;
 
 // ---------------------------------------------------------------------------------------
-// Geometry and work split.
+// The work split: traversal, tasks and items, by shape only.
 
 // Tasks smaller than this many elements run on the calling thread: waking the pool costs
 // more than the work of a small problem (the split itself, and so the results, stay the same).
@@ -285,7 +285,7 @@ constexpr int64_t kFusedSampleBytes = 512 << 10;
 constexpr int64_t kMinFusedSamples = 4;
 
 template <typename acc_t>
-struct Geometry {
+struct WorkSplit {
   int64_t N, C, H, W, G, Cg;
   int64_t rh, rw;  // pool radius along H and W, clipped to the plane
   Traversal traversal;
@@ -318,9 +318,9 @@ inline Traversal choose_traversal(const MixerShape& s, int64_t lanes) {
 // The shape-only split into work items and tasks.  `sample_bytes` is what one sample's
 // inputs take (x in the forward, x and dy in the backward).
 template <typename acc_t>
-Geometry<acc_t> make_geometry(const MixerShape& s, int64_t sample_bytes) {
+WorkSplit<acc_t> make_work_split(const MixerShape& s, int64_t sample_bytes) {
   constexpr int64_t V = kLanes<acc_t>;
-  Geometry<acc_t> g{};
+  WorkSplit<acc_t> g{};
   g.N = s.N, g.C = s.C, g.H = s.H, g.W = s.W, g.G = s.G, g.Cg = s.Cg;
   g.rh = effective_radius(s.radius, s.H);
   g.rw = effective_radius(s.radius, s.W);
@@ -351,7 +351,7 @@ Geometry<acc_t> make_geometry(const MixerShape& s, int64_t sample_bytes) {
 
 // The 1/count tables (and, for flat planes, the masks) of g, carved from `ws`.
 template <typename acc_t, typename WS>
-void take_tables(Geometry<acc_t>& g, WS& ws) {
+void take_tables(WorkSplit<acc_t>& g, WS& ws) {
   acc_t* inv_h = ws.template take<acc_t>(g.H);
   acc_t* inv_w = ws.template take<acc_t>(g.W);
   acc_t* inv_cnt = nullptr;
@@ -396,7 +396,7 @@ struct TraversalScratch {
 };
 
 template <typename acc_t, typename A>
-TraversalScratch<acc_t> take_traversal_scratch(const Geometry<acc_t>& g, A& arena) {
+TraversalScratch<acc_t> take_traversal_scratch(const WorkSplit<acc_t>& g, A& arena) {
   constexpr int64_t V = kLanes<acc_t>;
   TraversalScratch<acc_t> s;
   switch (g.traversal) {
@@ -495,7 +495,7 @@ void fill_sample_factors(const Factors<acc_t>& f, const MixerShape& s, int64_t n
 // radii from the geometry.
 
 template <typename acc_t, typename Body>
-inline void with_radius(const Geometry<acc_t>& g, Body body) {
+inline void with_radius(const WorkSplit<acc_t>& g, Body body) {
   if (g.rh == 1 && g.rw == 1) {
     body(std::integral_constant<int, 1>{});
   } else {
@@ -557,7 +557,7 @@ FPM_INLINE auto window_rows(const Source& source, int64_t hb) {
 // `col` is scratch for (W + 2 rw) * kStripVectors vectors (runtime radius only).
 
 template <int R, int NV, typename acc_t, typename Source, typename Column, typename Emit>
-FPM_INLINE void strip_box_sums(const Geometry<acc_t>& g, int64_t h_begin, int64_t h_end,
+FPM_INLINE void strip_box_sums(const WorkSplit<acc_t>& g, int64_t h_begin, int64_t h_end,
                            Vectorized<acc_t>* col, Source source, Column column, Emit emit) {
   using Vec = Vectorized<acc_t>;
   const int64_t W = g.W;
@@ -624,7 +624,7 @@ struct StripTask {
 };
 
 template <typename acc_t>
-FPM_INLINE StripTask strip_task(const Geometry<acc_t>& g, int64_t t) {
+FPM_INLINE StripTask strip_task(const WorkSplit<acc_t>& g, int64_t t) {
   constexpr int64_t V = kLanes<acc_t>;
   // Strips fastest: consecutive tasks read neighbouring lines of the same rows.
   StripTask s;
@@ -645,7 +645,7 @@ FPM_INLINE StripTask strip_task(const Geometry<acc_t>& g, int64_t t) {
 // row its next output row will need, a whole row (hundreds of instructions) ahead.
 // `strip` is the strip's first element in the sample; nothing is fetched past the last row.
 template <typename scalar_t, typename acc_t>
-FPM_INLINE void prefetch_strip_line(const Geometry<acc_t>& g, const scalar_t* strip, int64_t row,
+FPM_INLINE void prefetch_strip_line(const WorkSplit<acc_t>& g, const scalar_t* strip, int64_t row,
                                     int64_t w, int64_t width) {
 #if defined(__GNUC__)
   if (row >= g.H) return;
@@ -684,7 +684,7 @@ FPM_INLINE void with_strip_shape(const StripTask& st, Body body) {
 // [i, i + n) of the plane (n valid lanes, zeros past them); emit(i, n, box).
 
 template <int R, typename acc_t, typename Source, typename Emit>
-FPM_INLINE void plane_box_sums(const Geometry<acc_t>& g, const PlaneScratch<acc_t>& s, Source source,
+FPM_INLINE void plane_box_sums(const WorkSplit<acc_t>& g, const PlaneScratch<acc_t>& s, Source source,
                            Emit emit) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = kLanes<acc_t>;
@@ -731,7 +731,7 @@ struct HorizontalSum {
 };
 
 template <int R, typename acc_t, typename Source, typename Column, typename Emit>
-FPM_INLINE void row_box_sums(const Geometry<acc_t>& g, int64_t h_begin, int64_t h_end, acc_t* col,
+FPM_INLINE void row_box_sums(const WorkSplit<acc_t>& g, int64_t h_begin, int64_t h_end, acc_t* col,
                          Source source, Column column, Emit emit) {
   constexpr int64_t V = kLanes<acc_t>;
   for (int64_t h = h_begin; h < h_end; ++h) {
@@ -754,7 +754,7 @@ struct RowTask {
 };
 
 template <typename acc_t>
-FPM_INLINE RowTask row_task(const Geometry<acc_t>& g, int64_t t) {
+FPM_INLINE RowTask row_task(const WorkSplit<acc_t>& g, int64_t t) {
   RowTask r;
   r.plane = t / g.chunks;
   r.chunk = t % g.chunks;
@@ -768,7 +768,7 @@ FPM_INLINE RowTask row_task(const Geometry<acc_t>& g, int64_t t) {
 // plane<R>(plane, plane_scratch) and row<R>(item, columns): one work item of each traversal.
 
 template <typename acc_t, typename Pass>
-inline void run_items(const Pass& pass, const Geometry<acc_t>& g, int64_t begin, int64_t end,
+inline void run_items(const Pass& pass, const WorkSplit<acc_t>& g, int64_t begin, int64_t end,
                       const TraversalScratch<acc_t>& s) {
   with_radius(g, [&](auto r) {
     constexpr int R = decltype(r)::value;
@@ -788,7 +788,7 @@ inline void run_items(const Pass& pass, const Geometry<acc_t>& g, int64_t begin,
 
 // Runs the pass over every task, in parallel, with one scratch per parallel chunk.
 template <typename acc_t, typename Pass>
-void run_tasks(const Geometry<acc_t>& g, const Pass& pass) {
+void run_tasks(const WorkSplit<acc_t>& g, const Pass& pass) {
   const int64_t task_elements = g.items_per_task * g.item_elements();
   at::parallel_for(0, g.tasks, grain_size(task_elements), [&](int64_t begin, int64_t end) {
     Scratch scratch;

@@ -1,0 +1,143 @@
+"""The block-level fused modules: a whole PoolFormer / MetaFormer pooling block -- token
+mixer, Norm2, fc1, the activation, fc2, both layer scales, both drop paths and both
+residuals -- in one operator pair (``poolformer_block``, docs/block.md).
+
+They subclass the mixer-level blocks of ``fused_poolformer.modules`` and adopt the original
+block's state the same way (same submodules, parameters and ``state_dict()``; no derived
+weight is stored: the operator folds Norm2's affine and layer scale 2 into the GEMMs on
+every call).  ``convert_model(model, fuse="block")`` (the default) builds them where
+``convert.check_block_level`` allows; the mixer-level class stays the fallback.
+
+Under ``torch.jit.is_tracing()`` (fvcore's MAC counting, ``torch.jit.trace``) a block runs
+its mixer-level forward, whose MLP is the original modules: plain fvcore then counts the
+paper's MACs.
+"""
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .modules import (FusedMetaFormerBlock, FusedPoolFormerBlock, _module_drop_path_scale, norm_arguments,
+                      scale_parameter_name)
+from .ops import poolformer_block
+
+__all__ = ["BlockFusedMetaFormerBlock", "BlockFusedPoolFormerBlock", "activation_of", "RECOMPUTE_CHOICES"]
+
+# What the backward may recompute instead of saving: None (save x, fc1's output and the
+# statistics) or "mlp" (save x and the statistics; fc1 runs again in the backward).
+RECOMPUTE_CHOICES = (None, "mlp")
+
+
+def activation_of(act: nn.Module) -> Tuple[Optional[str], Optional[Tensor], Optional[Tensor], Optional[str]]:
+    """(kind, scale, bias, None) of an MLP activation module the block operator computes,
+    or (None, None, None, reason)."""
+    name = type(act).__name__
+    if name == "GELU":
+        approximate = getattr(act, "approximate", "none")
+        kind = {"none": "gelu", "tanh": "gelu_tanh"}.get(approximate)
+        if kind is None:
+            return None, None, None, f"mlp.act is GELU(approximate={approximate!r})"
+        return kind, None, None, None
+    if name == "StarReLU":
+        scale, bias = getattr(act, "scale", None), getattr(act, "bias", None)
+        for what, p in (("scale", scale), ("bias", bias)):
+            if not isinstance(p, nn.Parameter) or tuple(p.shape) != (1,):
+                return None, None, None, f"mlp.act.{what} is not a (1,) Parameter"
+        return "star_relu", scale, bias, None
+    return None, None, None, f"mlp.act is {name}, not GELU or StarReLU"
+
+
+class _BlockLevel:
+    """What both block-level classes share: the MLP's arguments and the call."""
+
+    level = "block"
+
+    def _read_mlp_settings(self, recompute: Optional[str] = None) -> None:
+        self.activation, _, _, _ = activation_of(self.mlp.act)
+        self.recompute = recompute
+
+    def set_recompute(self, recompute: Optional[str]) -> None:
+        """None: the backward reads the saved fc1 output; "mlp": it is not saved, and the
+        backward runs fc1 again (less memory, one more GEMM)."""
+        if recompute not in RECOMPUTE_CHOICES:
+            raise ValueError(f"{type(self).__name__}: recompute must be one of {RECOMPUTE_CHOICES}, got {recompute!r}")
+        self.recompute = recompute
+
+    def _block(self, x: Tensor, layer_scale1, res_scale1, drop_path1, layer_scale2, res_scale2,
+               drop_path2) -> Tensor:
+        weight1, bias1, groups1, eps1 = norm_arguments(self.norm1)
+        weight2, bias2, _, eps2 = norm_arguments(self.norm2)
+        _, act_scale, act_bias, _ = activation_of(self.mlp.act)
+        # Drop path draws in the original's order: the mixer branch's mask, then the MLP's.
+        sample1 = _module_drop_path_scale(x, drop_path1)
+        sample2 = _module_drop_path_scale(x, drop_path2)
+        return poolformer_block(
+            x,
+            norm1_weight=weight1, norm1_bias=bias1, layer_scale1=layer_scale1, res_scale1=res_scale1,
+            sample_scale1=sample1, num_groups1=groups1, pool_size=self.pool_size, eps1=eps1,
+            norm2_weight=weight2, norm2_bias=bias2, eps2=eps2,
+            fc1_weight=self.mlp.fc1.weight, fc1_bias=self.mlp.fc1.bias,
+            fc2_weight=self.mlp.fc2.weight, fc2_bias=self.mlp.fc2.bias,
+            layer_scale2=layer_scale2, res_scale2=res_scale2, sample_scale2=sample2,
+            activation=self.activation, act_scale=act_scale, act_bias=act_bias,
+            save_hidden=self.recompute != "mlp", backend=self.backend,
+        )
+
+
+class BlockFusedMetaFormerBlock(_BlockLevel, FusedMetaFormerBlock):
+    """A ``MetaFormerBlock`` with a ``Pooling`` token mixer and a plain MLP, whole (timm's on
+    (N, C, H, W), the MetaFormer-baselines one on (N, H, W, C)); keeps every submodule of
+    :class:`~fused_poolformer.modules.FusedMetaFormerBlock`."""
+
+    BYPASSED = FusedMetaFormerBlock.BYPASSED + ("norm2", "mlp", "drop_path2", "layer_scale2", "res_scale2")
+
+    def _read_settings(self) -> None:
+        super()._read_settings()
+        self.layer_scale2_name = scale_parameter_name(self.layer_scale2)
+        self.res_scale2_name = scale_parameter_name(self.res_scale2)
+        self._read_mlp_settings()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_tracing():
+            return super().forward(x)
+        if self.layout == "NHWC" and x.dim() != 4:
+            raise ValueError(f"{type(self).__name__}: x must be 4-D (N, H, W, C), got shape {tuple(x.shape)}")
+        nchw = x.permute(0, 3, 1, 2) if self.layout == "NHWC" else x
+        out = self._block(
+            nchw,
+            layer_scale1=self._vector(self.layer_scale1, self.layer_scale1_name),
+            res_scale1=self._vector(self.res_scale1, self.res_scale1_name),
+            drop_path1=self.drop_path1,
+            layer_scale2=self._vector(self.layer_scale2, self.layer_scale2_name),
+            res_scale2=self._vector(self.res_scale2, self.res_scale2_name),
+            drop_path2=self.drop_path2,
+        )
+        return out.permute(0, 2, 3, 1) if self.layout == "NHWC" else out
+
+    def extra_repr(self) -> str:
+        return (f"fused block: layout={self.layout}, pool_size={self.pool_size}, activation={self.activation!r}, "
+                f"recompute={self.recompute!r}, backend={self.backend!r}")
+
+
+class BlockFusedPoolFormerBlock(_BlockLevel, FusedPoolFormerBlock):
+    """The original PoolFormer repository's ``PoolFormerBlock``, whole.  Its one ``drop_path``
+    module serves both branches: two draws, in the original's order."""
+
+    BYPASSED = FusedPoolFormerBlock.BYPASSED + ("norm2", "mlp")
+
+    def _read_settings(self) -> None:
+        super()._read_settings()
+        self._read_mlp_settings()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_tracing():
+            return super().forward(x)
+        scale1 = self.layer_scale_1 if self.use_layer_scale else None
+        scale2 = self.layer_scale_2 if self.use_layer_scale else None
+        return self._block(x, layer_scale1=scale1, res_scale1=None, drop_path1=self.drop_path,
+                           layer_scale2=scale2, res_scale2=None, drop_path2=self.drop_path)
+
+    def extra_repr(self) -> str:
+        return (f"fused block: layout=NCHW, pool_size={self.pool_size}, activation={self.activation!r}, "
+                f"recompute={self.recompute!r}, backend={self.backend!r}")
