@@ -5,6 +5,7 @@ kernels and drop-in modules for MetaFormer-family models."""
 from . import backends, reference
 from .backends import Backend, register_backend
 from .convert import ConversionReport, convert_model
+from .unconvert import unconvert_model
 from .modules import FusedMetaFormerBlock, FusedPoolFormerBlock, FusedPoolMixer
 from .onnx_export import onnx_translation_table
 from .ops import (

@@ -22,14 +22,24 @@ unfused; a hook registered on them after the conversion does not fire (register 
 before converting, or on the block).  The blocks do not look for hooks at every call:
 tools that hook every module while they run (fvcore, hook-based profilers) would switch
 the fused path off while they measure it.
+
+Tooling (docs/deploy.md): the fused op is an fx leaf (``torch.fx.wrap`` of ``pool_mixer``
+and ``drop_path_scale`` below), so ``torch.fx.symbolic_trace`` and fx-based feature
+extractors keep it as one ``call_function`` node; under ``torch.jit.script`` the modules
+call the C++ operator through ``torch.ops.fused_poolformer`` (``_scripted_pool_mixer``),
+whose autograd is registered in C++.  Every fused block records the class it replaced
+(``original_class``) and the original's attributes, which is what
+``fused_poolformer.unconvert_model`` restores.
 """
 
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ops import BACKENDS, pool_mixer
+from . import backends, contract
+from .ops import pool_mixer
 
 __all__ = ["FusedPoolMixer", "FusedMetaFormerBlock", "FusedPoolFormerBlock", "drop_path_scale"]
 
@@ -43,16 +53,76 @@ def drop_path_scale(x: Tensor, drop_prob: float, training: bool, scale_by_keep: 
     if drop_prob == 0.0 or not training:
         return None
     keep_prob = 1.0 - drop_prob
-    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep_prob)
+    mask = x.new_empty([x.shape[0]] + [1] * (x.dim() - 1)).bernoulli_(keep_prob)
     if keep_prob > 0.0 and scale_by_keep:
         mask.div_(keep_prob)
-    return mask.view(x.shape[0])
+    return mask.view([x.shape[0]])
 
 
-def _check_backend(backend: str) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    return backend
+# fx leaves: ``torch.fx.symbolic_trace`` (and the fx feature extractors of torchvision and
+# timm) records each call of these two from this module as one ``call_function`` node
+# instead of tracing into them, which a Proxy cannot do (the C++ entry of ``pool_mixer``
+# needs real tensors).  They run unchanged when the traced graph is called.
+torch.fx.wrap("pool_mixer")
+torch.fx.wrap("drop_path_scale")
+
+# What TorchScript can reach: the C++ operators (through torch.ops) and the unfused graph.
+SCRIPTABLE_BACKENDS = ("auto", "cpu", "cuda", "reference")
+
+
+def _scripted_reference(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], layer_scale: Optional[Tensor],
+                        res_scale: Optional[Tensor], sample_scale: Optional[Tensor], num_groups: int, pool_size: int,
+                        eps: float) -> Tensor:
+    """``fused_poolformer.reference.pool_mixer`` in TorchScript (the ``reference`` backend)."""
+    dt = x.dtype
+    if weight is None and bias is not None:
+        weight = torch.ones_like(bias)
+    normed = F.group_norm(x, num_groups, None if weight is None else weight.to(dt),
+                          None if bias is None else bias.to(dt), eps)
+    # The pool rule of contract.pool_arguments.
+    pooled = F.avg_pool2d(normed, pool_size, 1, pool_size // 2, False, False)
+    mixed = pooled - normed
+    if layer_scale is not None:
+        mixed = mixed * layer_scale.to(dt).view(1, -1, 1, 1)
+    if sample_scale is not None:
+        mixed = mixed * sample_scale.to(dt).view(-1, 1, 1, 1)
+    if res_scale is not None:
+        return x * res_scale.to(dt).view(1, -1, 1, 1) + mixed
+    return x + mixed
+
+
+def _scripted_pool_mixer(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], layer_scale: Optional[Tensor],
+                         res_scale: Optional[Tensor], sample_scale: Optional[Tensor], num_groups: int,
+                         pool_size: int, eps: float, backend: str) -> Tensor:
+    """``pool_mixer`` as the scripted modules call it: the C++ forward operator through
+    torch.ops (its autograd is registered in C++), or the unfused graph for the
+    ``reference`` backend.  ``__prepare_scriptable__`` of the modules refuses the other
+    backends before scripting starts."""
+    if backend == "reference":
+        return _scripted_reference(x, weight, bias, layer_scale, res_scale, sample_scale, num_groups, pool_size, eps)
+    if backend == "cpu" and not x.is_cpu:
+        raise ValueError("pool_mixer: backend='cpu' cannot serve a tensor on " + str(x.device))
+    if backend == "cuda" and not x.is_cuda:
+        raise ValueError("pool_mixer: backend='cuda' cannot serve a tensor on " + str(x.device))
+    if x.is_cuda and not backends.HAS_CUDA_KERNELS:
+        raise RuntimeError("pool_mixer: the extension was built without CUDA kernels, and a scripted module "
+                           "reaches the C++ operators only (script a model converted with backend='reference')")
+    return torch.ops.fused_poolformer.pool_mixer_forward(
+        x, weight, bias, layer_scale, res_scale, sample_scale, num_groups, pool_size, eps)[0]
+
+
+def _check_scriptable(module: nn.Module, backend: str) -> None:
+    """Before ``torch.jit.script`` compiles a fused module: a clear error where the scripted
+    path cannot serve it (instead of TorchScript's own about an unknown operator)."""
+    who = type(module).__name__
+    if backend not in SCRIPTABLE_BACKENDS:
+        raise RuntimeError(
+            f"{who}: backend={backend!r} cannot be scripted: under torch.jit.script the fused modules reach "
+            f"the C++ operators (backend 'auto', 'cpu', 'cuda') and the unfused graph ('reference') only; "
+            f"convert with one of {SCRIPTABLE_BACKENDS}, or use torch.jit.trace / torch.export")
+    if backend != "reference" and backends.EXTENSION_ERROR is not None:
+        raise RuntimeError(f"{who}: cannot be scripted with backend={backend!r}: the compiled operators did not load "
+                           f"({backends.EXTENSION_ERROR}); convert with backend='reference'")
 
 
 class FusedPoolMixer(nn.Module):
@@ -64,8 +134,7 @@ class FusedPoolMixer(nn.Module):
 
     Args:
         dim: number of channels C.
-        pool_size: odd AvgPool2d kernel (stride 1, padding pool_size // 2,
-            count_include_pad=False).
+        pool_size: odd AvgPool2d kernel (the pool rule of ``contract.pool_arguments``).
         num_groups: GroupNorm groups (1 in every published PoolFormer).
         eps: GroupNorm epsilon.
         affine: GroupNorm has a weight.
@@ -95,15 +164,14 @@ class FusedPoolMixer(nn.Module):
         dtype=None,
     ):
         super().__init__()
-        if pool_size < 1 or pool_size % 2 == 0:
-            raise ValueError(f"FusedPoolMixer: pool_size must be a positive odd integer, got {pool_size!r}")
+        contract.check_pool_size(pool_size, "FusedPoolMixer")
         if dim % num_groups != 0:
             raise ValueError(f"FusedPoolMixer: num_groups ({num_groups}) must divide dim ({dim})")
         if not 0.0 <= drop_path <= 1.0:
             raise ValueError(f"FusedPoolMixer: drop_path must be in [0, 1], got {drop_path!r}")
         self.dim, self.pool_size, self.num_groups, self.eps = dim, pool_size, num_groups, eps
         self.drop_prob, self.scale_by_keep = drop_path, scale_by_keep
-        self.backend = _check_backend(backend)
+        self.backend = backends.check_name(backend, "FusedPoolMixer")
 
         def vector(init_value):
             return nn.Parameter(torch.full((dim,), float(init_value), device=device, dtype=dtype))
@@ -114,13 +182,29 @@ class FusedPoolMixer(nn.Module):
         self.res_scale = None if res_scale_init_value is None else vector(res_scale_init_value)
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return _scripted_pool_mixer(
+                x, self.weight, self.bias, self.layer_scale, self.res_scale,
+                drop_path_scale(x, self.drop_prob, self.training, self.scale_by_keep),
+                self.num_groups, self.pool_size, self.eps, self.backend)
+        return self._forward(x)
+
+    @torch.jit.unused
+    def _forward(self, x: Tensor) -> Tensor:
+        sample_scale = None
+        if self.drop_prob != 0.0 and self.training:  # keeps an eval-mode fx graph free of the call
+            sample_scale = drop_path_scale(x, self.drop_prob, self.training, self.scale_by_keep)
         return pool_mixer(
             x, self.weight, self.bias,
             layer_scale=self.layer_scale,
             res_scale=self.res_scale,
-            sample_scale=drop_path_scale(x, self.drop_prob, self.training, self.scale_by_keep),
+            sample_scale=sample_scale,
             num_groups=self.num_groups, pool_size=self.pool_size, eps=self.eps, backend=self.backend,
         )
+
+    def __prepare_scriptable__(self):
+        _check_scriptable(self, self.backend)
+        return self
 
     def extra_repr(self) -> str:
         return (
@@ -134,7 +218,7 @@ def _module_drop_path_scale(x: Tensor, module: nn.Module) -> Optional[Tensor]:
     """The factor an ``nn.Identity`` or a timm-style ``DropPath`` module would apply to
     ``x``'s branch.  Its settings are read at every call, so that a drop-path schedule
     that changes ``drop_prob`` during training keeps working."""
-    if isinstance(module, nn.Identity):
+    if isinstance(module, nn.Identity) or module.drop_prob == 0.0 or not module.training:
         return None
     return drop_path_scale(x, module.drop_prob, module.training, getattr(module, "scale_by_keep", True))
 
@@ -158,6 +242,25 @@ def norm_arguments(norm: nn.Module) -> Tuple[Optional[Tensor], Optional[Tensor],
     return weight, bias, 1, norm.eps
 
 
+# The registries of nn.Module: an original block's entries are restored by name.
+REGISTRIES = ("_parameters", "_buffers", "_modules")
+
+
+def original_state(block: nn.Module) -> dict:
+    """What a fused block records of the ``block`` it replaces, for ``unconvert_model``:
+    ``names``, its attribute names in order; ``keys``, the entry names of each registry
+    (parameters, buffers, submodules: the values are read from the fused block when it is
+    turned back, so they are the trained ones); ``values``, its plain public attributes
+    (flags, settings), which a fused class may shadow with attributes of its own."""
+    attributes = vars(block)
+    return {
+        "names": tuple(attributes),
+        "keys": {name: tuple(attributes[name]) for name in REGISTRIES if name in attributes},
+        "values": {name: value for name, value in attributes.items()
+                   if not name.startswith("_") and name != "training" and not isinstance(value, (dict, set))},
+    }
+
+
 class _AdoptedBlock(nn.Module):
     """Base of the fused blocks: built from an existing block, adopting its state.
 
@@ -176,9 +279,13 @@ class _AdoptedBlock(nn.Module):
 
     def _adopt(self, block: nn.Module, backend: str) -> None:
         for name, value in vars(block).items():
-            self.__dict__[name] = type(value)(value) if isinstance(value, dict) else value
+            self.__dict__[name] = type(value)(value) if isinstance(value, (dict, set)) else value
+        # What unconvert_model needs to rebuild the original around the same submodules
+        # and parameters: its class, and its attributes (see original_state).
+        self.original_class = type(block)
+        self.original_state = original_state(block)
         self.pool_size = pool_size_of(block.token_mixer)
-        self.backend = _check_backend(backend)
+        self.backend = backends.check_name(backend, type(self).__name__)
 
     @classmethod
     def from_block(cls, block: nn.Module, backend: str = "auto"):
@@ -191,9 +298,11 @@ class _AdoptedBlock(nn.Module):
     def _read_settings(self) -> None:
         pass
 
+    @torch.jit.unused
     def _mix(self, x: Tensor, layer_scale: Optional[Tensor], res_scale: Optional[Tensor],
              drop_path: nn.Module) -> Tensor:
-        """The token-mixer branch with its residual, in one fused op."""
+        """The token-mixer branch with its residual, in one fused op (eager, fx, torch.compile
+        and torch.export; ``_scripted_mix`` is its TorchScript twin)."""
         weight, bias, num_groups, eps = norm_arguments(self.norm1)
         return pool_mixer(
             x, weight, bias,
@@ -203,6 +312,47 @@ class _AdoptedBlock(nn.Module):
             num_groups=num_groups, pool_size=self.pool_size, eps=eps,
             backend=self.backend,
         )
+
+    def _scripted_mix(self, x: Tensor, layer_scale: Optional[Tensor], res_scale: Optional[Tensor],
+                      sample_scale: Optional[Tensor]) -> Tensor:
+        """``_mix`` under TorchScript, with ``norm_arguments`` written out: ``hasattr`` on a
+        submodule is decided when the block is compiled, so each branch is compiled only
+        for the norm it reads."""
+        weight: Optional[Tensor] = None
+        bias: Optional[Tensor] = None
+        num_groups = 1
+        if hasattr(self.norm1, "use_scale"):  # LayerNormGeneral over (H, W, C): one group
+            if self.norm1.use_scale:
+                weight = self.norm1.weight
+            if self.norm1.use_bias:
+                bias = self.norm1.bias
+        else:  # nn.GroupNorm
+            weight = self.norm1.weight
+            bias = self.norm1.bias
+            num_groups = self.norm1.num_groups
+        return _scripted_pool_mixer(x, weight, bias, layer_scale, res_scale, sample_scale, num_groups,
+                                    self.pool_size, self.norm1.eps, self.backend)
+
+    # A subclass whose own forward TorchScript compiles sets this to True; otherwise a
+    # subclass that overrides forward (the block-level modules) is scripted as its
+    # mixer-level base class (below).
+    SCRIPTS_OWN_FORWARD = False
+
+    def __prepare_scriptable__(self):
+        """Called by ``torch.jit.script`` on each module before it compiles it: refuses the
+        backends TorchScript cannot reach, and hands a subclass with a forward of its own
+        over as its mixer-level twin -- the same submodules, parameters and settings under
+        the class of this file whose forward is scriptable (same function, to rounding:
+        the token mixer fused, the rest by the block's own modules)."""
+        _check_scriptable(self, self.backend)
+        cls = type(self)
+        base = next((c for c in cls.__mro__ if c in _SCRIPTABLE_BLOCKS), None)
+        if base is None or cls is base or cls.SCRIPTS_OWN_FORWARD or cls.forward is base.forward:
+            return self
+        twin = base.__new__(base)
+        for name, value in vars(self).items():
+            twin.__dict__[name] = type(value)(value) if isinstance(value, (dict, set)) else value
+        return twin
 
     def extra_repr(self) -> str:
         return f"fused token mixer: layout={self.layout}, pool_size={self.pool_size}, backend={self.backend!r}"
@@ -244,7 +394,14 @@ class FusedMetaFormerBlock(_AdoptedBlock):
 
     def token_mixer_branch(self, x: Tensor) -> Tensor:
         """``res_scale1(x) + layer_scale1(drop_path1(token_mixer(norm1(x))))``, fused."""
-        if self.layout == "NHWC" and x.dim() != 4:
+        if torch.jit.is_scripting():
+            return self._scripted_token_mixer_branch(x)
+        return self._token_mixer_branch(x)
+
+    @torch.jit.unused
+    def _token_mixer_branch(self, x: Tensor) -> Tensor:
+        # (fx: a Proxy has no number of dimensions to check; the op checks it when the graph runs)
+        if self.layout == "NHWC" and not isinstance(x, torch.fx.Proxy) and x.dim() != 4:
             raise ValueError(f"{type(self).__name__}: x must be 4-D (N, H, W, C), got shape {tuple(x.shape)}")
         nchw = x.permute(0, 3, 1, 2) if self.layout == "NHWC" else x
         y = self._mix(
@@ -254,6 +411,35 @@ class FusedMetaFormerBlock(_AdoptedBlock):
             drop_path=self.drop_path1,
         )
         return y.permute(0, 2, 3, 1) if self.layout == "NHWC" else y
+
+    def _scripted_token_mixer_branch(self, x: Tensor) -> Tensor:
+        nhwc = self.layout == "NHWC"
+        if nhwc:
+            if x.dim() != 4:
+                raise ValueError("FusedMetaFormerBlock: x must be 4-D (N, H, W, C)")
+            x = x.permute(0, 3, 1, 2)
+        # The vectors of the scale modules (scale_parameter_name) and the drop-path factor
+        # (_module_drop_path_scale); hasattr is decided at compile time.
+        layer_scale: Optional[Tensor] = None
+        if hasattr(self.layer_scale1, "scale"):
+            layer_scale = self.layer_scale1.scale
+        elif hasattr(self.layer_scale1, "gamma"):
+            layer_scale = self.layer_scale1.gamma
+        res_scale: Optional[Tensor] = None
+        if hasattr(self.res_scale1, "scale"):
+            res_scale = self.res_scale1.scale
+        elif hasattr(self.res_scale1, "gamma"):
+            res_scale = self.res_scale1.gamma
+        sample_scale: Optional[Tensor] = None
+        if hasattr(self.drop_path1, "drop_prob"):
+            scale_by_keep = True
+            if hasattr(self.drop_path1, "scale_by_keep"):
+                scale_by_keep = self.drop_path1.scale_by_keep
+            sample_scale = drop_path_scale(x, self.drop_path1.drop_prob, self.drop_path1.training, scale_by_keep)
+        y = self._scripted_mix(x, layer_scale, res_scale, sample_scale)
+        if nhwc:
+            return y.permute(0, 2, 3, 1)
+        return y
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.token_mixer_branch(x)
@@ -273,11 +459,34 @@ class FusedPoolFormerBlock(_AdoptedBlock):
 
     def token_mixer_branch(self, x: Tensor) -> Tensor:
         """``x + drop_path(layer_scale_1 * token_mixer(norm1(x)))``, fused."""
+        if torch.jit.is_scripting():
+            return self._scripted_token_mixer_branch(x)
+        return self._token_mixer_branch(x)
+
+    @torch.jit.unused
+    def _token_mixer_branch(self, x: Tensor) -> Tensor:
         layer_scale = self.layer_scale_1 if self.use_layer_scale else None
         return self._mix(x, layer_scale=layer_scale, res_scale=None, drop_path=self.drop_path)
+
+    def _scripted_token_mixer_branch(self, x: Tensor) -> Tensor:
+        # (As the original's forward, this compiles only where use_layer_scale is True.)
+        layer_scale: Optional[Tensor] = None
+        if self.use_layer_scale:
+            layer_scale = self.layer_scale_1
+        sample_scale: Optional[Tensor] = None
+        if hasattr(self.drop_path, "drop_prob"):
+            scale_by_keep = True
+            if hasattr(self.drop_path, "scale_by_keep"):
+                scale_by_keep = self.drop_path.scale_by_keep
+            sample_scale = drop_path_scale(x, self.drop_path.drop_prob, self.drop_path.training, scale_by_keep)
+        return self._scripted_mix(x, layer_scale, None, sample_scale)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.token_mixer_branch(x)
         if self.use_layer_scale:
             return x + self.drop_path(self.layer_scale_2.unsqueeze(-1).unsqueeze(-1) * self.mlp(self.norm2(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+# The block classes whose forward TorchScript compiles (see _AdoptedBlock.__prepare_scriptable__).
+_SCRIPTABLE_BLOCKS = (FusedMetaFormerBlock, FusedPoolFormerBlock)
