@@ -28,9 +28,12 @@ import fused_poolformer
 timm_metaformer = pytest.importorskip("timm.models.metaformer")
 timm_layers = pytest.importorskip("timm.layers")
 
-# The fusion levels a package is built from: each converts an unfused model.  A new level
-# (e.g. the whole-block operator) adds its converter here and every test runs on it.
-CONVERTERS = [pytest.param(fused_poolformer.convert_model, id="token_mixer")]
+# The fusion levels a package is built from: each converts an unfused model, and every test
+# runs on each.  "block" (convert_model's default) fuses the v1 stage with GroupNorm(1) and
+# both v2 stages whole (the block operator) and the GroupNorm(4) stage at the mixer level;
+# "mixer" fuses every token mixer alone.
+CONVERTERS = [pytest.param(functools.partial(fused_poolformer.convert_model, fuse=fuse), id=fuse)
+              for fuse in ("block", "mixer")]
 EXPORT_BATCH, OTHER_BATCH = 2, 3
 IMAGE_SIZE = 64
 # Errors relative to the largest |eager output|.  The package runs Inductor's kernels for
@@ -61,10 +64,10 @@ assert not leaked, f"loading the package imported {leaked}"
 def small_poolformer() -> nn.Module:
     """A PoolFormer of depth 1 per stage, built with timm's classes: two PoolFormer-v1 stages
     (GroupNorm with bias, layer scale; the second with 4 groups and a 5x5 pool), then two v2
-    stages (GroupNorm1NoBias, res scale), so one package holds the
-    operator in each of those settings.  Every per-channel vector is drawn at random (not
-    layer scale's 1e-5), so each input of the fused operator shows in the output.  At 64x64
-    its package compiles in about 30 s here; poolformer_s12's takes 15 s longer and holds
+    stages (GroupNorm1NoBias, res scale), so one package holds the operator in each of those
+    settings.  Every per-channel vector is drawn at random (not layer scale's 1e-5), so each
+    input of the fused operator shows in the output.  At 64x64 its package compiles in 12-30 s
+    on the 2-core CI machine (load, Inductor's cache); poolformer_s12's takes 35-40 s and holds
     only the first setting."""
     generator = torch.Generator().manual_seed(0)
     model = timm_metaformer.MetaFormer(
@@ -144,6 +147,15 @@ def fresh_python_outputs(cpu_package, tmp_path_factory) -> List[torch.Tensor]:
 
 def test_package_in_fresh_python_matches_eager(cpu_package, fresh_python_outputs):
     assert_outputs_match(fresh_python_outputs, cpu_package.eager, PACKAGE_VS_EAGER)
+
+
+def test_package_without_the_operators_fails_naming_them(cpu_package):
+    """The package calls the operators through the dispatcher: a process that has not
+    registered them cannot load it, and the error names the operator."""
+    load = "import sys, torch; torch._inductor.aoti_load_package(sys.argv[1])"
+    proc = subprocess.run([sys.executable, "-c", load, cpu_package.path], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "Could not find schema for fused_poolformer::" in proc.stderr, proc.stderr[-3000:]
 
 
 @pytest.mark.gpu
