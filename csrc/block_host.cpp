@@ -9,6 +9,8 @@
 // (N*H*W, K) x (K, M) product over its rows (channel_product).
 #include "block.h"
 
+#include <ATen/Context.h>
+#include <ATen/core/stack.h>
 #include <c10/core/DeviceGuard.h>
 
 #include <cmath>
@@ -120,23 +122,26 @@ void check_block_backward_args(const at::Tensor& grad_out, const at::Tensor& x,
 }
 
 // ---------------------------------------------------------------------------------------
-// The composition.
+// The composition.  Every pass over an activation is one ATen kernel that reads and writes
+// what it must: Norm2 is ATen's own group-norm kernel (statistics and normalized operand in
+// one call; its backward likewise), the GEMMs are 1x1 convolutions (oneDNN / cuDNN, bias
+// fused, either layout), and the residual epilogue is one in-place multiply-add.  fc1 runs
+// on the normalized operand u, not on raw x1 with Norm2 folded into its weight: the folded
+// form loses digits where |mean| / std is large (docs/block.md, "Numerics").
 
 namespace {
 
 // t * v, where an undefined v stands for ones.
 at::Tensor times(const at::Tensor& t, const at::Tensor& v) { return v.defined() ? t * v : t; }
-at::Tensor plus(const at::Tensor& t, const at::Tensor& v) { return v.defined() ? t + v : t; }
 
 // What the two branches read, in the dtypes they compute in: statistics and epilogues in
 // acc (float32, float64 for float64), GEMMs in gemm.
 struct Prepared {
-  bool channels_last;
   at::ScalarType acc, gemm, out;
-  at::Tensor gamma2, beta2, res2, sample2, layer2;  // (1, C, 1, 1) / (N, 1, 1, 1), acc
-  at::Tensor w1, b1, w2, b2;                        // gemm; w2 = ls2 * fc2_weight (ls2 folded)
-  at::Tensor bias2;                                 // ls2 * fc2_bias, acc (1, C, 1, 1)
-  at::Tensor act_scale, act_bias;                   // (1,), gemm
+  at::Tensor res2, sample2;    // (1, C, 1, 1) / (N, 1, 1, 1), acc
+  at::Tensor w1, b1, w2, b2;   // 1x1 convolution weights and biases in gemm; ls2 folded into w2, b2
+  at::Tensor ls2;              // (C,) acc, or undefined
+  at::Tensor act_scale, act_bias;
 };
 
 at::Tensor channel_view(const OptionalTensor& v, at::ScalarType dtype) {
@@ -147,42 +152,35 @@ at::Tensor sample_view(const OptionalTensor& v, at::ScalarType dtype) {
   return present(v) ? v->to(dtype).view_symint({v->sym_size(0), 1, 1, 1}) : at::Tensor();
 }
 
+at::Tensor conv_weight(const at::Tensor& w) { return w.view_symint({w.sym_size(0), w.sym_size(1), 1, 1}); }
+
 Prepared prepare(const at::Tensor& x, const BlockArgs& a) {
   Prepared p;
-  p.channels_last = !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
   p.out = x.scalar_type();
   p.acc = accumulate_type(p.out);
   p.gemm = a.gemm_dtype.value_or(p.out);
-  p.gamma2 = channel_view(a.norm2_weight, p.acc);
-  p.beta2 = channel_view(a.norm2_bias, p.acc);
   p.res2 = channel_view(a.res_scale2, p.acc);
   p.sample2 = sample_view(a.sample_scale2, p.acc);
-  p.layer2 = channel_view(a.layer_scale2, p.acc);
-  p.w1 = a.fc1_weight.to(p.gemm);
+  p.w1 = conv_weight(a.fc1_weight.to(p.gemm));
   p.b1 = present(a.fc1_bias) ? a.fc1_bias->to(p.gemm) : at::Tensor();
-  const at::Tensor ls2 = present(a.layer_scale2) ? a.layer_scale2->to(p.acc) : at::Tensor();
-  p.w2 = (ls2.defined() ? a.fc2_weight.to(p.acc) * ls2.unsqueeze(1) : a.fc2_weight).to(p.gemm);
-  if (present(a.fc2_bias)) p.bias2 = times(a.fc2_bias->to(p.acc), ls2).view({1, -1, 1, 1});
+  p.ls2 = present(a.layer_scale2) ? a.layer_scale2->to(p.acc) : at::Tensor();
+  // Layer scale 2 folded into fc2's rows (a (C, hidden) product per call, nothing stored).
+  p.w2 = conv_weight((p.ls2.defined() ? a.fc2_weight.to(p.acc) * p.ls2.unsqueeze(1) : a.fc2_weight).to(p.gemm));
+  if (present(a.fc2_bias)) p.b2 = times(a.fc2_bias->to(p.acc), p.ls2).to(p.gemm);
   p.act_scale = present(a.act_scale) ? a.act_scale->to(p.gemm) : at::Tensor();
   p.act_bias = present(a.act_bias) ? a.act_bias->to(p.gemm) : at::Tensor();
   return p;
 }
 
-// out[n, m, ...] = sum_k w[m, k] t[n, k, ...]: a 1x1 convolution without bias, in t's layout.
-at::Tensor channel_product(const at::Tensor& t, const at::Tensor& w, bool channels_last) {
-  const auto N = t.sym_size(0), K = t.sym_size(1), H = t.sym_size(2), W = t.sym_size(3);
-  const auto M = w.sym_size(0);
-  if (channels_last) {
-    const at::Tensor rows = t.permute({0, 2, 3, 1}).reshape_symint({-1, K});
-    return at::mm(rows, w.t()).view_symint({N, H, W, M}).permute({0, 3, 1, 2});
-  }
-  return at::matmul(w, t.reshape_symint({N, K, H * W})).view_symint({N, M, H, W});
+at::Tensor conv1x1(const at::Tensor& t, const at::Tensor& w, const at::Tensor& bias) {
+  return at::conv2d(t, w, bias.defined() ? OptionalTensor(bias) : OptionalTensor());
 }
 
 // sum over n and positions of a[n, i, ...] * b[n, j, ...]: the (I, J) weight gradient of a
 // 1x1 convolution, a in its output's channels, b in its input's.
-at::Tensor channel_outer(const at::Tensor& a, const at::Tensor& b, bool channels_last) {
+at::Tensor channel_outer(const at::Tensor& a, const at::Tensor& b) {
   const auto I = a.sym_size(1), J = b.sym_size(1);
+  const bool channels_last = !a.is_contiguous() && a.is_contiguous(at::MemoryFormat::ChannelsLast);
   if (channels_last) {
     return at::mm(a.permute({0, 2, 3, 1}).reshape_symint({-1, I}).t(),
                   b.permute({0, 2, 3, 1}).reshape_symint({-1, J}));
@@ -197,7 +195,11 @@ at::Tensor apply_activation(const at::Tensor& h, const BlockArgs& a, const Prepa
   switch (a.activation) {
     case Activation::kGelu: return at::gelu(h);
     case Activation::kGeluTanh: return at::gelu(h, "tanh");
-    case Activation::kStarRelu: return plus(times(at::relu(h).square(), p.act_scale), p.act_bias);
+    case Activation::kStarRelu: {
+      at::Tensor r = at::relu(h).square();
+      if (p.act_scale.defined()) r = r * p.act_scale;
+      return p.act_bias.defined() ? r + p.act_bias : r;
+    }
   }
   return h;
 }
@@ -213,92 +215,201 @@ at::Tensor activation_backward(const at::Tensor& da, const at::Tensor& h, const 
   return da;
 }
 
-// x1's per-sample mean and rstd (N, 1) in acc: Norm2's statistics.
-std::pair<at::Tensor, at::Tensor> sample_statistics(const at::Tensor& x1, double eps, at::ScalarType acc) {
-  const auto [var, mean] = at::var_mean(x1.to(acc).reshape_symint({x1.sym_size(0), -1}), {1},
-                                        /*correction=*/0, /*keepdim=*/true);
-  return {mean, (var + eps).rsqrt()};
+// Norm2's affine in the dtype ATen's group norm takes with x1: x1's own, or float32 for a
+// half-precision x1 on the CPU (its mixed-type kernel: float32 statistics).  A half x1 on
+// another device is normalized in float32.
+struct Norm2Operand {
+  at::Tensor input;
+  OptionalTensor weight, bias;
+};
+
+Norm2Operand norm2_operand(const at::Tensor& x1, const BlockArgs& a, at::ScalarType acc) {
+  const bool half = x1.scalar_type() != acc;
+  const bool mixed = half && x1.is_cpu();
+  const auto params = mixed ? acc : acc == at::kDouble ? at::kDouble : at::kFloat;
+  Norm2Operand o;
+  o.input = half && !mixed ? x1.to(acc) : x1;
+  const auto dtype = half && !mixed ? acc : (mixed ? params : x1.scalar_type());
+  // A half x1 needs a float32 weight for the mixed kernel even where Norm2 has none.
+  if (present(a.norm2_weight)) o.weight = a.norm2_weight->to(dtype);
+  else if (mixed) o.weight = at::ones({x1.size(1)}, x1.options().dtype(dtype));
+  if (present(a.norm2_bias)) o.bias = a.norm2_bias->to(dtype);
+  return o;
 }
 
-// Norm2 without its affine: (x1 - mean) * rstd, in acc.
-at::Tensor normalized(const at::Tensor& x1, const at::Tensor& mean2, const at::Tensor& rstd2,
-                      at::ScalarType acc) {
-  const auto N = x1.sym_size(0);
-  return (x1.to(acc) - mean2.view_symint({N, 1, 1, 1})) * rstd2.view_symint({N, 1, 1, 1});
+int64_t positions(const at::Tensor& t) { return t.size(2) * t.size(3); }
+
+// u = GroupNorm(1)(x1) with Norm2's affine, and x1's (N, 1) statistics in acc.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> norm2(const at::Tensor& x1, const BlockArgs& a,
+                                                     const Prepared& p) {
+  const Norm2Operand o = norm2_operand(x1, a, p.acc);
+  auto [u, mean, rstd] = at::native_group_norm(o.input, o.weight, o.bias, x1.size(0), x1.size(1),
+                                               positions(x1), 1, a.eps2);
+  const auto N = x1.size(0);
+  return {u.to(p.gemm), mean.to(p.acc).view({N, 1}), rstd.to(p.acc).view({N, 1})};
 }
 
-at::Tensor fc1(const at::Tensor& xhat, const Prepared& p) {
-  const at::Tensor u = plus(times(xhat, p.gamma2), p.beta2).to(p.gemm);
-  const at::Tensor h = channel_product(u, p.w1, p.channels_last);
-  return p.b1.defined() ? h + p.b1.view({1, -1, 1, 1}) : h;
+// The same Norm2 through elementwise operators autograd differentiates twice (the
+// double-backward path: ATen's group-norm backward has no derivative of its own).
+struct DifferentiableNorm2 {
+  at::Tensor xhat, u, mean, rstd;
+};
+
+DifferentiableNorm2 differentiable_norm2(const at::Tensor& x1, const BlockArgs& a, const Prepared& p) {
+  const auto N = x1.size(0);
+  const auto [var, mean] = at::var_mean(x1.to(p.acc).reshape({N, -1}), {1}, /*correction=*/0,
+                                        /*keepdim=*/true);
+  const at::Tensor rstd = (var + a.eps2).rsqrt();
+  DifferentiableNorm2 d{(x1.to(p.acc) - mean.view({N, 1, 1, 1})) * rstd.view({N, 1, 1, 1}), {}, mean, rstd};
+  d.u = d.xhat;
+  if (present(a.norm2_weight)) d.u = d.u * channel_view(a.norm2_weight, p.acc);
+  if (present(a.norm2_bias)) d.u = d.u + channel_view(a.norm2_bias, p.acc);
+  d.u = d.u.to(p.gemm);
+  return d;
 }
 
-// out = res2 * x1 + sample2 * (w2 . act(hidden) + bias2)  (ls2 folded into w2 and bias2).
-at::Tensor mlp_output(const at::Tensor& x1, const at::Tensor& hidden, const BlockArgs& a,
-                      const Prepared& p) {
-  const at::Tensor act = apply_activation(hidden, a, p);
-  const at::Tensor o = plus(channel_product(act, p.w2, p.channels_last).to(p.acc), p.bias2);
-  return (times(x1.to(p.acc), p.res2) + times(o, p.sample2)).to(p.out);
+// oneDNN's fused 1x1 convolutions on the CPU (the operators torch.compile's CPU backend
+// uses): fc1 with the activation as a post-op, fc2 with the residual add as a binary
+// post-op, so neither h nor fc2's output is a separate pass.  Found through the dispatcher;
+// absent (a build without oneDNN) means the plain path.
+const c10::OperatorHandle* onednn_op(const char* overload) {
+  static const auto unary = c10::Dispatcher::singleton().findSchema({"mkldnn::_convolution_pointwise", ""});
+  static const auto binary =
+      c10::Dispatcher::singleton().findSchema({"mkldnn::_convolution_pointwise", "binary"});
+  const auto& op = std::string_view(overload) == "binary" ? binary : unary;
+  return op.has_value() ? &*op : nullptr;
+}
+
+bool onednn_serves(const at::Tensor& t, at::ScalarType gemm) {
+  return t.is_cpu() && (gemm == at::kFloat || gemm == at::kBFloat16) &&
+         at::globalContext().userEnabledMkldnn() && onednn_op("") != nullptr &&
+         onednn_op("binary") != nullptr;
+}
+
+at::Tensor call_boxed(const c10::OperatorHandle& op, torch::jit::Stack stack) {
+  op.callBoxed(&stack);
+  return stack.at(0).toTensor();
+}
+
+c10::IValue optional_tensor(const at::Tensor& t) { return t.defined() ? c10::IValue(t) : c10::IValue(); }
+
+const std::vector<int64_t> kZero2{0, 0}, kOne2{1, 1};
+
+// act(conv1x1(u, w1) + b1) in one oneDNN call (GELU, erf or tanh).
+at::Tensor fc1_with_activation(const at::Tensor& u, const BlockArgs& a, const Prepared& p) {
+  const char* algorithm = a.activation == Activation::kGeluTanh ? "tanh" : "none";
+  return call_boxed(*onednn_op(""),
+                    {u, p.w1.contiguous(u.suggest_memory_format()), optional_tensor(p.b1), kZero2,
+                     kOne2, kOne2, int64_t{1}, "gelu", c10::List<std::optional<c10::Scalar>>(),
+                     algorithm});
+}
+
+// conv1x1(act, w2) + b2 + x1 in one oneDNN call.
+at::Tensor fc2_with_residual(const at::Tensor& act, const at::Tensor& x1, const Prepared& p) {
+  return call_boxed(*onednn_op("binary"),
+                    {act, x1, p.w2.contiguous(act.suggest_memory_format()), optional_tensor(p.b2),
+                     kZero2, kOne2, kOne2, int64_t{1}, "add", c10::IValue(), c10::IValue(),
+                     c10::List<std::optional<c10::Scalar>>(), c10::IValue()});
+}
+
+// out = res2 * x1 + sample2 * (w2 . act + b2)  (ls2 folded into w2 and b2), one GEMM and one
+// multiply-add pass (two with a drop-path factor; none where oneDNN adds x1 in the GEMM).
+at::Tensor mlp_output(const at::Tensor& x1, const at::Tensor& act, const Prepared& p) {
+  if (!p.res2.defined() && !p.sample2.defined() && p.gemm == p.out && onednn_serves(x1, p.gemm) &&
+      act.suggest_memory_format() == x1.suggest_memory_format()) {
+    return fc2_with_residual(act, x1, p);
+  }
+  at::Tensor o = conv1x1(act, p.w2, p.b2);
+  if (o.scalar_type() != p.out) o = o.to(p.out);
+  if (p.sample2.defined()) o.mul_(p.sample2);
+  return p.res2.defined() ? o.addcmul_(x1, p.res2) : o.add_(x1);
+}
+
+// Norm2's backward by ATen's group-norm backward kernel, from x1 and the saved statistics:
+// dx1 (undefined unless want_dx1) in acc, and Norm2's affine gradients where asked for.
+template <typename AsParam>
+at::Tensor norm2_backward(const at::Tensor& dh, const at::Tensor& x, const at::Tensor& x1,
+                          const at::Tensor& mean2, const at::Tensor& rstd2, const BlockArgs& a,
+                          const Prepared& p, BlockMask mask, bool want_dx1, at::Tensor& dn2w,
+                          at::Tensor& dn2b, const AsParam& as_param) {
+  const Norm2Operand o = norm2_operand(x1, a, p.acc);
+  const at::Tensor du = conv1x1(dh, p.w1.transpose(0, 1), at::Tensor()).to(o.input.scalar_type());
+  const auto stat_dtype = o.weight.has_value() ? o.weight->scalar_type() : o.input.scalar_type();
+  auto [dx1, dgamma, dbeta] = at::native_group_norm_backward(
+      du, o.input, mean2.to(stat_dtype), rstd2.to(stat_dtype), o.weight, x.size(0), x.size(1),
+      positions(x), 1, {want_dx1, mask[kGradNorm2Weight], mask[kGradNorm2Bias]});
+  if (mask[kGradNorm2Weight]) dn2w = as_param(dgamma, a.norm2_weight);
+  if (mask[kGradNorm2Bias]) dn2b = as_param(dbeta, a.norm2_bias);
+  return want_dx1 ? dx1.to(p.acc) : at::Tensor();
 }
 
 BlockBackwardResult block_backward(const at::Tensor& g_in, const at::Tensor& x,
                                    const at::Tensor& x1, const at::Tensor& mean1,
                                    const at::Tensor& rstd1, const at::Tensor& mean2,
                                    const at::Tensor& rstd2, const at::Tensor& saved_hidden,
-                                   const BlockArgs& a, BlockMask mask) {
+                                   const BlockArgs& a, BlockMask mask, bool differentiable) {
   const Prepared p = prepare(x, a);
-  const auto N = x.sym_size(0);
   const at::Tensor g = g_in.to(p.acc);
-  const at::Tensor xhat = normalized(x1, mean2, rstd2, p.acc);
-  const at::Tensor u = plus(times(xhat, p.gamma2), p.beta2).to(p.gemm);
+  // u and hidden again where not saved (u always: it is fc1's input, of x1's size).
+  const DifferentiableNorm2 dnorm = differentiable ? differentiable_norm2(x1, a, p) : DifferentiableNorm2{};
+  const at::Tensor u = differentiable ? dnorm.u : std::get<0>(norm2(x1, a, p));
   const at::Tensor hidden = saved_hidden.defined() && saved_hidden.numel() > 0
                                 ? saved_hidden
-                                : plus(channel_product(u, p.w1, p.channels_last),
-                                       p.b1.defined() ? p.b1.view({1, -1, 1, 1}) : at::Tensor());
-  // fc2 (w2 = ls2 * fc2_weight): its input is sample2 * act(hidden), its output's gradient g.
-  const at::Tensor gs = times(g, p.sample2);  // g * sample2: the gradient of w2 . act + bias2
-  const at::Tensor act = apply_activation(hidden, a, p);
-  const at::Tensor ls2 = present(a.layer_scale2) ? a.layer_scale2->to(p.acc) : at::Tensor();
+                                : conv1x1(u, p.w1, p.b1);
   BlockBackwardResult out;
   auto& [dx, dn1w, dn1b, dls1, drs1, dn2w, dn2b, dw1, db1, dw2, db2, dls2, drs2, dscale, dbias] = out;
   // A gradient in its parameter's dtype; none for an absent parameter (asked for or not).
   auto as_param = [&](const at::Tensor& value, const OptionalTensor& param) {
     return present(param) && value.defined() ? value.to(param->scalar_type()) : at::Tensor();
   };
+  // fc2 (w2 = ls2 * fc2_weight): its output's gradient is gs = sample2 * g.
+  const at::Tensor gs = times(g, p.sample2).to(p.gemm);
+  const at::Tensor act = apply_activation(hidden, a, p);
   const bool want_w2 = mask[kGradFc2Weight] || mask[kGradLayerScale2];
-  const bool want_b2 = mask[kGradFc2Bias] || mask[kGradLayerScale2];
-  at::Tensor dw2_folded, db2_folded;  // gradients of w2 and bias2
-  if (want_w2) dw2_folded = channel_outer(gs.to(p.gemm), act, p.channels_last).to(p.acc);
-  if (want_b2 && present(a.fc2_bias)) db2_folded = channel_sum(gs);
-  if (mask[kGradFc2Weight]) dw2 = as_param(times(dw2_folded, ls2.defined() ? ls2.unsqueeze(1) : at::Tensor()), a.fc2_weight);
-  if (mask[kGradFc2Bias]) db2 = as_param(times(db2_folded, ls2), a.fc2_bias);
-  if (mask[kGradLayerScale2]) {
+  at::Tensor dw2_folded, db2_folded;  // gradients of w2 and b2
+  if (want_w2) dw2_folded = channel_outer(gs, act).to(p.acc);
+  if ((mask[kGradFc2Bias] || mask[kGradLayerScale2]) && present(a.fc2_bias)) db2_folded = channel_sum(gs.to(p.acc));
+  if (mask[kGradFc2Weight]) dw2 = as_param(p.ls2.defined() ? dw2_folded * p.ls2.unsqueeze(1) : dw2_folded, a.fc2_weight);
+  if (mask[kGradFc2Bias] && db2_folded.defined()) db2 = as_param(times(db2_folded, p.ls2), a.fc2_bias);
+  if (mask[kGradLayerScale2] && present(a.layer_scale2)) {
     at::Tensor d = (dw2_folded * a.fc2_weight.to(p.acc)).sum(1);
     if (db2_folded.defined()) d = d + db2_folded * a.fc2_bias->to(p.acc);
     dls2 = as_param(d, a.layer_scale2);
   }
   if (mask[kGradResScale2]) drs2 = as_param(channel_sum(g * x1.to(p.acc)), a.res_scale2);
   // The activation and fc1.
-  const at::Tensor da = channel_product(gs.to(p.gemm), p.w2.t(), p.channels_last);
-  if (mask[kGradActScale]) dscale = as_param(at::sum(da.to(p.acc) * at::relu(hidden).to(p.acc).square()).view({1}), a.act_scale);
-  if (mask[kGradActBias]) dbias = as_param(at::sum(da.to(p.acc)).view({1}), a.act_bias);
+  const at::Tensor da = conv1x1(gs, p.w2.transpose(0, 1), at::Tensor());
+  if (mask[kGradActScale] && present(a.act_scale)) {
+    dscale = as_param(at::sum(da.to(p.acc) * at::relu(hidden).to(p.acc).square()).view({1}), a.act_scale);
+  }
+  if (mask[kGradActBias] && present(a.act_bias)) dbias = as_param(at::sum(da.to(p.acc)).view({1}), a.act_bias);
   const at::Tensor dh = activation_backward(da, hidden, a, p);
-  if (mask[kGradFc1Weight]) dw1 = as_param(channel_outer(dh, u, p.channels_last).to(p.acc), a.fc1_weight);
+  if (mask[kGradFc1Weight]) dw1 = as_param(channel_outer(dh, u).to(p.acc), a.fc1_weight);
   if (mask[kGradFc1Bias]) db1 = as_param(channel_sum(dh.to(p.acc)), a.fc1_bias);
-  // Norm2: du = w1^T dh; dgamma = sum du * xhat, dbeta = sum du; then dx1.
-  const at::Tensor du = channel_product(dh, p.w1.t(), p.channels_last).to(p.acc);
-  if (mask[kGradNorm2Weight]) dn2w = as_param(channel_sum(du * xhat), a.norm2_weight);
-  if (mask[kGradNorm2Bias]) dn2b = as_param(channel_sum(du), a.norm2_bias);
   const bool want_mixer = mask[kGradX] || mask[kGradNorm1Weight] || mask[kGradNorm1Bias] ||
                           mask[kGradLayerScale1] || mask[kGradResScale1];
-  if (!want_mixer) return out;
-  const at::Tensor dxhat = times(du, p.gamma2);
-  auto sample_mean = [&](const at::Tensor& t) {
-    return t.reshape_symint({N, -1}).mean(1).view_symint({N, 1, 1, 1});
-  };
-  const at::Tensor dx1 =
-      times(g, p.res2) + rstd2.view_symint({N, 1, 1, 1}) *
-                             (dxhat - sample_mean(dxhat) - xhat * sample_mean(dxhat * xhat));
+  const bool want_norm2 = mask[kGradNorm2Weight] || mask[kGradNorm2Bias];
+  if (!want_mixer && !want_norm2) return out;
+  at::Tensor dx1;
+  if (differentiable) {
+    const auto N = x.size(0);
+    const at::Tensor du = conv1x1(dh, p.w1.transpose(0, 1), at::Tensor()).to(p.acc);
+    if (mask[kGradNorm2Weight]) dn2w = as_param(channel_sum(du * dnorm.xhat), a.norm2_weight);
+    if (mask[kGradNorm2Bias]) dn2b = as_param(channel_sum(du), a.norm2_bias);
+    if (!want_mixer) return out;
+    const at::Tensor dxhat = present(a.norm2_weight) ? du * channel_view(a.norm2_weight, p.acc) : du;
+    auto sample_mean = [&](const at::Tensor& t) { return t.reshape({N, -1}).mean(1).view({N, 1, 1, 1}); };
+    dx1 = dnorm.rstd.view({N, 1, 1, 1}) *
+          (dxhat - sample_mean(dxhat) - dnorm.xhat * sample_mean(dxhat * dnorm.xhat));
+  } else {
+    dx1 = norm2_backward(dh, x, x1, mean2, rstd2, a, p, mask, want_mixer, dn2w, dn2b, as_param);
+    if (!want_mixer) return out;
+  }
+  if (differentiable) {
+    dx1 = p.res2.defined() ? dx1 + g * p.res2 : dx1 + g;
+  } else {
+    p.res2.defined() ? dx1.addcmul_(g, p.res2) : dx1.add_(g);  // dx1 is this call's own tensor
+  }
   // The first branch: the mixer's own backward.
   const std::array<bool, 5> mixer_mask{mask[kGradX], mask[kGradNorm1Weight], mask[kGradNorm1Bias],
                                        mask[kGradLayerScale1], mask[kGradResScale1]};
@@ -309,6 +420,11 @@ BlockBackwardResult block_backward(const at::Tensor& g_in, const at::Tensor& x,
   return out;
 }
 
+ForwardResult mixer_forward(const at::Tensor& x, const BlockArgs& a) {
+  return forward_handle().call(x, a.norm1_weight, a.norm1_bias, a.layer_scale1, a.res_scale1,
+                               a.sample_scale1, a.num_groups1, a.pool_size, a.eps1);
+}
+
 }  // namespace
 
 BlockForwardResult run_block_forward(const at::Tensor& x_in, const BlockArgs& a, bool save_hidden,
@@ -316,16 +432,18 @@ BlockForwardResult run_block_forward(const at::Tensor& x_in, const BlockArgs& a,
   check_block_args(x_in, a);
   check_device_type_arg(x_in, device_type, kWho);
   const c10::DeviceGuard device_guard(x_in.device());
-  const at::Tensor x = x_in.contiguous(x_in.suggest_memory_format());
-  auto [x1, mean1, rstd1] =
-      forward_handle().call(x, a.norm1_weight, a.norm1_bias, a.layer_scale1, a.res_scale1,
-                            a.sample_scale1, a.num_groups1, a.pool_size, a.eps1);
+  const auto format = x_in.suggest_memory_format();
+  const at::Tensor x = x_in.contiguous(format);
+  auto [x1, mean1, rstd1] = mixer_forward(x, a);
   const Prepared p = prepare(x1, a);
-  auto [mean2, rstd2] = sample_statistics(x1, a.eps2, p.acc);
-  const at::Tensor hidden = fc1(normalized(x1, mean2, rstd2, p.acc), p);
-  at::Tensor out = mlp_output(x1, hidden, a, p).contiguous(x1.suggest_memory_format());
-  return {out, save_hidden ? hidden : at::empty({0}, x.options().dtype(p.gemm)), mean1, rstd1,
-          mean2, rstd2};
+  auto [u, mean2, rstd2] = norm2(x1, a, p);
+  // Without the backward's need for h, the activation rides in fc1 (oneDNN post-op).
+  const bool fused_fc1 = !save_hidden && a.activation != Activation::kStarRelu && onednn_serves(u, p.gemm);
+  const at::Tensor hidden = fused_fc1 ? at::Tensor() : conv1x1(u, p.w1, p.b1);
+  const at::Tensor act = fused_fc1 ? fc1_with_activation(u, a, p) : apply_activation(hidden, a, p);
+  at::Tensor out = mlp_output(x1, act, p).contiguous(format);
+  return {out, save_hidden ? hidden.contiguous(format) : at::empty({0}, x.options().dtype(p.gemm)),
+          mean1, rstd1, mean2, rstd2};
 }
 
 BlockBackwardResult run_block_backward(const at::Tensor& grad_out, const at::Tensor& x_in,
@@ -339,23 +457,18 @@ BlockBackwardResult run_block_backward(const at::Tensor& grad_out, const at::Ten
   const auto format = x_in.suggest_memory_format();
   const at::Tensor x = x_in.contiguous(format);
   // x1 again (the forward saved x, not x1): the mixer's forward.
-  const at::Tensor x1 = std::get<0>(
-      forward_handle().call(x, a.norm1_weight, a.norm1_bias, a.layer_scale1, a.res_scale1,
-                            a.sample_scale1, a.num_groups1, a.pool_size, a.eps1));
+  const at::Tensor x1 = std::get<0>(mixer_forward(x, a));
   return block_backward(grad_out.contiguous(format), x, x1, mean1, rstd1, mean2, rstd2, hidden, a,
-                        mask);
+                        mask, /*differentiable=*/false);
 }
 
 BlockBackwardResult differentiable_block_backward(const at::Tensor& grad_out, const at::Tensor& x,
                                                   const BlockArgs& a, BlockMask mask) {
   // Everything from x and the parameters, through operators autograd can differentiate: the
   // mixer's forward operator, its backward operator (differentiable under grad mode) and ATen.
-  auto [x1, mean1, rstd1] =
-      forward_handle().call(x, a.norm1_weight, a.norm1_bias, a.layer_scale1, a.res_scale1,
-                            a.sample_scale1, a.num_groups1, a.pool_size, a.eps1);
-  const auto acc = accumulate_type(x.scalar_type());
-  auto [mean2, rstd2] = sample_statistics(x1, a.eps2, acc);
-  return block_backward(grad_out, x, x1, mean1, rstd1, mean2, rstd2, at::Tensor(), a, mask);
+  auto [x1, mean1, rstd1] = mixer_forward(x, a);
+  return block_backward(grad_out, x, x1, mean1, rstd1, at::Tensor(), at::Tensor(), at::Tensor(), a,
+                        mask, /*differentiable=*/true);
 }
 
 }  // namespace fused_poolformer

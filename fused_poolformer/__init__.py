@@ -1,9 +1,11 @@
 """fused_poolformer: the PoolFormer token mixer (GroupNorm -> pool - x -> layer scale ->
-residual) fused into one forward and one backward operator, with CPU, CUDA and Triton
-kernels and drop-in modules for MetaFormer-family models."""
+residual), and the whole block around it (Norm2 -> fc1 -> activation -> fc2 -> layer scale
+-> residual), each fused into one forward and one backward operator, with CPU, CUDA and
+Triton kernels and drop-in modules for MetaFormer-family models."""
 
 from . import backends, reference
 from .backends import Backend, register_backend
+from .block_modules import BlockFusedMetaFormerBlock, BlockFusedPoolFormerBlock
 from .convert import ConversionReport, convert_model
 from .unconvert import unconvert_model
 from .modules import FusedMetaFormerBlock, FusedPoolFormerBlock, FusedPoolMixer
@@ -15,12 +17,15 @@ from .ops import (
     HAS_CUDA_KERNELS,
     available_backends,
     pool_mixer,
+    poolformer_block,
     triton_available,
 )
 
 __all__ = [
     "BACKENDS",
     "Backend",
+    "BlockFusedMetaFormerBlock",
+    "BlockFusedPoolFormerBlock",
     "EXTENSION_ERROR",
     "ConversionReport",
     "FusedMetaFormerBlock",
@@ -33,6 +38,7 @@ __all__ = [
     "available_backends",
     "backends",
     "pool_mixer",
+    "poolformer_block",
     "reference",
     "register_backend",
     "triton_available",

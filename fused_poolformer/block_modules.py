@@ -9,8 +9,8 @@ every call).  ``convert_model(model, fuse="block")`` (the default) builds them w
 ``convert.check_block_level`` allows; the mixer-level class stays the fallback.
 
 Under ``torch.jit.is_tracing()`` (fvcore's MAC counting, ``torch.jit.trace``) a block runs
-its mixer-level forward, whose MLP is the original modules: plain fvcore then counts the
-paper's MACs.
+the original forward module by module (``unfused_forward``): plain fvcore then counts the
+paper's MACs, with no op handles.
 """
 
 from typing import Optional, Tuple
@@ -81,7 +81,8 @@ class _BlockLevel:
             fc2_weight=self.mlp.fc2.weight, fc2_bias=self.mlp.fc2.bias,
             layer_scale2=layer_scale2, res_scale2=res_scale2, sample_scale2=sample2,
             activation=self.activation, act_scale=act_scale, act_bias=act_bias,
-            save_hidden=self.recompute != "mlp", backend=self.backend,
+            # No backward to feed (inference): fc1's output need not exist at all.
+            save_hidden=self.recompute != "mlp" and torch.is_grad_enabled(), backend=self.backend,
         )
 
 
@@ -98,9 +99,14 @@ class BlockFusedMetaFormerBlock(_BlockLevel, FusedMetaFormerBlock):
         self.res_scale2_name = scale_parameter_name(self.res_scale2)
         self._read_mlp_settings()
 
+    def unfused_forward(self, x: Tensor) -> Tensor:
+        """The original block's forward, module by module (what fvcore and torch.jit.trace see)."""
+        x = self.res_scale1(x) + self.layer_scale1(self.drop_path1(self.token_mixer(self.norm1(x))))
+        return self.res_scale2(x) + self.layer_scale2(self.drop_path2(self.mlp(self.norm2(x))))
+
     def forward(self, x: Tensor) -> Tensor:
         if torch.jit.is_tracing():
-            return super().forward(x)
+            return self.unfused_forward(x)
         if self.layout == "NHWC" and x.dim() != 4:
             raise ValueError(f"{type(self).__name__}: x must be 4-D (N, H, W, C), got shape {tuple(x.shape)}")
         nchw = x.permute(0, 3, 1, 2) if self.layout == "NHWC" else x
@@ -130,9 +136,17 @@ class BlockFusedPoolFormerBlock(_BlockLevel, FusedPoolFormerBlock):
         super()._read_settings()
         self._read_mlp_settings()
 
+    def unfused_forward(self, x: Tensor) -> Tensor:
+        """The original block's forward, module by module (what fvcore and torch.jit.trace see)."""
+        if self.use_layer_scale:
+            x = x + self.drop_path(self.layer_scale_1.unsqueeze(-1).unsqueeze(-1) * self.token_mixer(self.norm1(x)))
+            return x + self.drop_path(self.layer_scale_2.unsqueeze(-1).unsqueeze(-1) * self.mlp(self.norm2(x)))
+        x = x + self.drop_path(self.token_mixer(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
     def forward(self, x: Tensor) -> Tensor:
         if torch.jit.is_tracing():
-            return super().forward(x)
+            return self.unfused_forward(x)
         scale1 = self.layer_scale_1 if self.use_layer_scale else None
         scale2 = self.layer_scale_2 if self.use_layer_scale else None
         return self._block(x, layer_scale1=scale1, res_scale1=None, drop_path1=self.drop_path,

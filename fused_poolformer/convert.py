@@ -64,8 +64,8 @@ class ConversionReport:
 
     def __str__(self) -> str:
         whole = sum(1 for level in self.levels.values() if level == "block")
-        lines = [f"fused_poolformer: converted {len(self.converted)} block(s) ({whole} whole, "
-                 f"{len(self.converted) - whole} token mixer only), skipped {len(self.skipped)}"]
+        lines = [f"fused_poolformer: converted {len(self.converted)} block(s), skipped {len(self.skipped)} "
+                 f"(fused whole: {whole}, token mixer only: {len(self.converted) - whole})"]
         lines += [f"  mixer only {name or '<model>'}: {reason}" for name, reason in self.mixer_only]
         lines += [f"  skipped {name or '<model>'}: {reason}" for name, reason in self.skipped]
         return "\n".join(lines)

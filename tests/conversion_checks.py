@@ -102,8 +102,15 @@ def assert_state_dict_unchanged(before: dict, model: nn.Module) -> None:
         assert torch.equal(after[key], value), f"state_dict value {key} changed"
 
 
+# A block's fused operator: the mixer's or, for a block fused whole, the block's.
+FUSED_FORWARDS = (torch.ops.fused_poolformer.pool_mixer_forward.default, torch.ops.fused_poolformer.block_forward.default)
+FUSED_BACKWARDS = (torch.ops.fused_poolformer.pool_mixer_backward.default,
+                   torch.ops.fused_poolformer.block_backward.default)
+
+
 class CountFusedOps(TorchDispatchMode):
-    """Counts the fused forward and backward operators as they are dispatched, records
+    """Counts the fused forward and backward operators (the mixer's or the whole block's) as
+    they are dispatched, records
     the (dtype, channels_last) of each forward's input and output, and the name of every
     operator dispatched (``ops``)."""
 
@@ -115,13 +122,13 @@ class CountFusedOps(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops.append(str(func.overloadpacket))
-        if func is torch.ops.fused_poolformer.pool_mixer_forward.default:
+        if func in FUSED_FORWARDS:
             self.forward += 1
             y = func(*args, **(kwargs or {}))
             layout = lambda t: (t.dtype, t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous())
             self.forward_layouts.append((layout(args[0]), layout(y[0])))
             return y
-        elif func is torch.ops.fused_poolformer.pool_mixer_backward.default:
+        elif func in FUSED_BACKWARDS:
             self.backward += 1
         return func(*args, **(kwargs or {}))
 
@@ -140,7 +147,8 @@ def forward_backward(model: nn.Module, x: torch.Tensor, seed: int = 0) -> torch.
     return y.detach()
 
 
-def run_and_compare(model: nn.Module, x: torch.Tensor, expect_converted=None, inplace=False, tol=REL_TOL):
+def run_and_compare(model: nn.Module, x: torch.Tensor, expect_converted=None, inplace=False, tol=REL_TOL,
+                    fuse="block"):
     """Runs ``model`` unfused, converts it and checks outputs, gradients (relative error
     < ``tol``), fused-op counts and state_dict.  ``inplace`` converts ``model`` itself (saving a copy of a big model;
     its unfused gradients are set aside first), else a copy, and checks that ``model``
@@ -149,7 +157,7 @@ def run_and_compare(model: nn.Module, x: torch.Tensor, expect_converted=None, in
     y_ref = forward_backward(model, x)
     expected_grads = gradients(model)
     before = model.state_dict() if inplace else {k: v.clone() for k, v in model.state_dict().items()}
-    fused = convert_model(model, backend="cpu", inplace=inplace)
+    fused = convert_model(model, backend="cpu", inplace=inplace, fuse=fuse)
     if inplace:
         model.zero_grad(set_to_none=True)
     assert len(fused.fused_poolformer_report.converted) == expected_blocks, str(fused.fused_poolformer_report)

@@ -170,14 +170,15 @@ def test_autocast_bf16():
         assert err < max(2 * unfused_err, 5e-2), f"{name}: bf16 gradient error {err:.2e} vs unfused {unfused_err:.2e}"
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("fuse, op", [("block", "block_forward"), ("mixer", "pool_mixer_forward")])
+def test_torch_compile_fullgraph(fuse, op):
     """One small model: compiling on 2 CPU cores is slow."""
     from torch._inductor.compile_fx import compile_fx
 
     torch.manual_seed(0)
     model = tiny_metaformer(depths=(1, 1), dims=(8, 16)).eval()
     randomize_vectors(model)
-    fused = convert_model(model)
+    fused = convert_model(model, fuse=fuse)
     eager = copy.deepcopy(fused)
     graphs = []
 
@@ -190,7 +191,7 @@ def test_torch_compile_fullgraph():
     y_ref = forward_backward(eager, x)
     y = forward_backward(compiled, x)
     ops = [n.target for g in graphs for n in g.graph.nodes if n.op == "call_function"]
-    assert ops.count(torch.ops.fused_poolformer.pool_mixer_forward.default) == 2
+    assert ops.count(getattr(torch.ops.fused_poolformer, op).default) == 2
     assert relative_error(y, y_ref) < 1e-4
     for name, grad in gradients(eager).items():
         actual = fused.get_parameter(name).grad
