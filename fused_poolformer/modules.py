@@ -27,7 +27,10 @@ Tooling (docs/deploy.md): the fused op is an fx leaf (``torch.fx.wrap`` of ``poo
 and ``drop_path_scale`` below), so ``torch.fx.symbolic_trace`` and fx-based feature
 extractors keep it as one ``call_function`` node; under ``torch.jit.script`` the modules
 call the C++ operator through ``torch.ops.fused_poolformer`` (``_scripted_pool_mixer``),
-whose autograd is registered in C++.  Every fused block records the class it replaced
+whose autograd is registered in C++ (a subclass with a forward of its own scripts where
+that forward does: ``if torch.jit.is_scripting(): ...`` with the Python path in a
+``@torch.jit.unused`` method, as ``token_mixer_branch`` does).  Every fused block records
+the class it replaced
 (``original_class``) and the original's attributes, which is what
 ``fused_poolformer.unconvert_model`` restores.
 """
@@ -333,26 +336,12 @@ class _AdoptedBlock(nn.Module):
         return _scripted_pool_mixer(x, weight, bias, layer_scale, res_scale, sample_scale, num_groups,
                                     self.pool_size, self.norm1.eps, self.backend)
 
-    # A subclass whose own forward TorchScript compiles sets this to True; otherwise a
-    # subclass that overrides forward (the block-level modules) is scripted as its
-    # mixer-level base class (below).
-    SCRIPTS_OWN_FORWARD = False
-
     def __prepare_scriptable__(self):
         """Called by ``torch.jit.script`` on each module before it compiles it: refuses the
-        backends TorchScript cannot reach, and hands a subclass with a forward of its own
-        over as its mixer-level twin -- the same submodules, parameters and settings under
-        the class of this file whose forward is scriptable (same function, to rounding:
-        the token mixer fused, the rest by the block's own modules)."""
+        backends TorchScript cannot reach, naming the block.  (It returns the block itself:
+        torch.jit.script puts what this returns into the parent module, the eager model.)"""
         _check_scriptable(self, self.backend)
-        cls = type(self)
-        base = next((c for c in cls.__mro__ if c in _SCRIPTABLE_BLOCKS), None)
-        if base is None or cls is base or cls.SCRIPTS_OWN_FORWARD or cls.forward is base.forward:
-            return self
-        twin = base.__new__(base)
-        for name, value in vars(self).items():
-            twin.__dict__[name] = type(value)(value) if isinstance(value, (dict, set)) else value
-        return twin
+        return self
 
     def extra_repr(self) -> str:
         return f"fused token mixer: layout={self.layout}, pool_size={self.pool_size}, backend={self.backend!r}"
@@ -486,7 +475,3 @@ class FusedPoolFormerBlock(_AdoptedBlock):
         if self.use_layer_scale:
             return x + self.drop_path(self.layer_scale_2.unsqueeze(-1).unsqueeze(-1) * self.mlp(self.norm2(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
-
-
-# The block classes whose forward TorchScript compiles (see _AdoptedBlock.__prepare_scriptable__).
-_SCRIPTABLE_BLOCKS = (FusedMetaFormerBlock, FusedPoolFormerBlock)

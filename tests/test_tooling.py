@@ -4,7 +4,7 @@
   leaf (one ``call_function`` node per block) and the traced graph gives the converted
   model's output exactly, the original's to rounding;
 - ``torch.jit.script``: the fused blocks call the C++ operator through ``torch.ops``, forward
-  and backward (a training step); a block-level model is scripted at the mixer level;
+  and backward (a training step);
 - ``fused_poolformer.unconvert_model``: the original block classes around the same
   submodules and parameters (same ``state_dict``, same output, hooks fire again), at both
   fusion levels;
@@ -44,12 +44,17 @@ pytestmark = [
 MODELS = ("poolformer_s12", "poolformerv2_s12")
 FUSE_LEVELS = ("mixer", "block")
 REL_TOL = 1e-5  # fused vs unfused in float32, relative to the largest |output|
-# fx: the block-level modules (fused_poolformer/block_modules.py) call poolformer_block, which
-# is not an fx leaf yet; this mark comes off when they are.
+# The block-level modules (fused_poolformer/block_modules.py) neither trace nor script yet:
+# these marks come off when they do (strict: a pass is reported).
 BLOCK_LEVEL_FX = pytest.mark.xfail(
     strict=True, raises=TypeError,
     reason="block_modules.py calls poolformer_block on the fx Proxy: it needs "
            "torch.fx.wrap('poolformer_block') there (as modules.py wraps pool_mixer)")
+BLOCK_LEVEL_SCRIPT = pytest.mark.xfail(
+    strict=True, raises=(RuntimeError, torch.jit.frontend.FrontendError),
+    reason="block_modules.py's forward does not compile in TorchScript (norm_arguments, poolformer_block): "
+           "it needs an `if torch.jit.is_scripting():` path through torch.ops, its Python path in a "
+           "@torch.jit.unused method (as modules.py's token_mixer_branch)")
 
 
 def fuse_params(block_marks=()):
@@ -161,18 +166,22 @@ def scripted_operators(scripted) -> str:
     return str(scripted.inlined_graph)
 
 
-@pytest.mark.parametrize("fuse", FUSE_LEVELS)
+@pytest.mark.parametrize("fuse", fuse_params([BLOCK_LEVEL_SCRIPT]))
 @pytest.mark.parametrize("name", MODELS)
 def test_torchscript_matches_the_original(timm_model, name, fuse):
     model, x, expected = timm_model(name)
     torch.jit.script(model)  # the original scripts
     fused = convert_model(model, fuse=fuse)
+    classes = [type(m) for m in fused.modules()]
     scripted = torch.jit.script(fused)
-    assert scripted_operators(scripted).count("fused_poolformer::pool_mixer_forward") == 12
+    assert [type(m) for m in fused.modules()] == classes  # scripting left the eager model as it was
+    graph = scripted_operators(scripted)
+    if fuse == "mixer":
+        assert graph.count("fused_poolformer::pool_mixer_forward") == 12
+    assert "fused_poolformer::" in graph
     with torch.no_grad():
         out = scripted(x)
-        if fuse == "mixer":
-            assert torch.equal(out, fused(x))
+        assert torch.equal(out, fused(x))
     assert relative_error(out, expected) < REL_TOL
     # Saved and loaded (what TorchScript deployment does), it still calls the operator.
     buffer = io.BytesIO()
@@ -220,7 +229,8 @@ def test_scripted_training_step_matches_the_original():
     assert torch.equal(fused.get_parameter(name).detach(), params_got[name])  # scripting shares them
 
 
-def test_torchscript_official_repositories():
+@pytest.mark.parametrize("fuse", fuse_params([BLOCK_LEVEL_SCRIPT]))
+def test_torchscript_official_repositories(fuse):
     """The original PoolFormer repository's model scripts (with layer scale, as its forward
     needs), and so does a MetaFormer-baselines block whose norms script (a LayerNormGeneral
     with weight and bias; the baselines' models themselves do not script: their bias-free
@@ -233,12 +243,11 @@ def test_torchscript_official_repositories():
     for model, x in ((original, torch.randn(2, 3, 32, 32)), (block, torch.randn(2, 8, 8, 16))):
         randomize_vectors(model)
         torch.jit.script(model)
-        for fuse in FUSE_LEVELS:
-            fused = convert_model(model, fuse=fuse)
-            scripted = torch.jit.script(fused)
-            assert "fused_poolformer::pool_mixer_forward" in scripted_operators(scripted)
-            with torch.no_grad():
-                assert relative_error(scripted(x), model(x)) < REL_TOL, (type(model).__name__, fuse)
+        fused = convert_model(model, fuse=fuse)
+        scripted = torch.jit.script(fused)
+        assert "fused_poolformer::" in scripted_operators(scripted)
+        with torch.no_grad():
+            assert relative_error(scripted(x), model(x)) < REL_TOL, type(model).__name__
     # Without layer scale the original's forward does not script; neither does the fused one.
     with pytest.raises(RuntimeError, match="layer_scale"):
         torch.jit.script(poolformer_replica.OriginalPoolFormer(use_layer_scale=False))
