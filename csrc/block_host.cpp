@@ -176,17 +176,18 @@ at::Tensor conv1x1(const at::Tensor& t, const at::Tensor& w, const at::Tensor& b
   return at::conv2d(t, w, bias.defined() ? OptionalTensor(bias) : OptionalTensor());
 }
 
-// sum over n and positions of a[n, i, ...] * b[n, j, ...]: the (I, J) weight gradient of a
-// 1x1 convolution, a in its output's channels, b in its input's.
-at::Tensor channel_outer(const at::Tensor& a, const at::Tensor& b) {
-  const auto I = a.sym_size(1), J = b.sym_size(1);
-  const bool channels_last = !a.is_contiguous() && a.is_contiguous(at::MemoryFormat::ChannelsLast);
-  if (channels_last) {
-    return at::mm(a.permute({0, 2, 3, 1}).reshape_symint({-1, I}).t(),
-                  b.permute({0, 2, 3, 1}).reshape_symint({-1, J}));
-  }
-  const auto N = a.sym_size(0), P = a.sym_size(2) * a.sym_size(3);
-  return at::bmm(a.reshape_symint({N, I, P}), b.reshape_symint({N, J, P}).transpose(1, 2)).sum(0);
+// (input, weight, bias) gradients of conv1x1(input, w, bias) for the output gradient grad, as
+// asked for by mask (undefined where not).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv1x1_backward(const at::Tensor& grad,
+                                                                const at::Tensor& input,
+                                                                const at::Tensor& w,
+                                                                const at::Tensor& bias,
+                                                                std::array<bool, 3> mask) {
+  mask[2] = mask[2] && bias.defined();
+  const std::vector<int64_t> bias_sizes{w.size(0)};
+  const std::vector<int64_t> zero{0, 0}, one{1, 1};
+  return at::convolution_backward(grad, input, w, mask[2] ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt,
+                                  one, zero, one, /*transposed=*/false, zero, /*groups=*/1, mask);
 }
 
 at::Tensor channel_sum(const at::Tensor& t) { return t.sum({0, 2, 3}); }
@@ -328,12 +329,12 @@ at::Tensor mlp_output(const at::Tensor& x1, const at::Tensor& act, const Prepare
 // Norm2's backward by ATen's group-norm backward kernel, from x1 and the saved statistics:
 // dx1 (undefined unless want_dx1) in acc, and Norm2's affine gradients where asked for.
 template <typename AsParam>
-at::Tensor norm2_backward(const at::Tensor& dh, const at::Tensor& x, const at::Tensor& x1,
+at::Tensor norm2_backward(const at::Tensor& du_gemm, const at::Tensor& x, const at::Tensor& x1,
                           const at::Tensor& mean2, const at::Tensor& rstd2, const BlockArgs& a,
                           const Prepared& p, BlockMask mask, bool want_dx1, at::Tensor& dn2w,
                           at::Tensor& dn2b, const AsParam& as_param) {
   const Norm2Operand o = norm2_operand(x1, a, p.acc);
-  const at::Tensor du = conv1x1(dh, p.w1.transpose(0, 1), at::Tensor()).to(o.input.scalar_type());
+  const at::Tensor du = du_gemm.to(o.input.scalar_type());
   const auto stat_dtype = o.weight.has_value() ? o.weight->scalar_type() : o.input.scalar_type();
   auto [dx1, dgamma, dbeta] = at::native_group_norm_backward(
       du, o.input, mean2.to(stat_dtype), rstd2.to(stat_dtype), o.weight, x.size(0), x.size(1),
@@ -362,13 +363,16 @@ BlockBackwardResult block_backward(const at::Tensor& g_in, const at::Tensor& x,
   auto as_param = [&](const at::Tensor& value, const OptionalTensor& param) {
     return present(param) && value.defined() ? value.to(param->scalar_type()) : at::Tensor();
   };
-  // fc2 (w2 = ls2 * fc2_weight): its output's gradient is gs = sample2 * g.
+  // fc2 (w2 = ls2 * fc2_weight): its output's gradient is gs = sample2 * g.  Each GEMM's
+  // input and weight (and bias) gradients come from one convolution_backward call, as in
+  // the unfused graph.
   const at::Tensor gs = times(g, p.sample2).to(p.gemm);
   const at::Tensor act = apply_activation(hidden, a, p);
   const bool want_w2 = mask[kGradFc2Weight] || mask[kGradLayerScale2];
-  at::Tensor dw2_folded, db2_folded;  // gradients of w2 and b2
-  if (want_w2) dw2_folded = channel_outer(gs, act).to(p.acc);
-  if ((mask[kGradFc2Bias] || mask[kGradLayerScale2]) && present(a.fc2_bias)) db2_folded = channel_sum(gs.to(p.acc));
+  const bool want_b2 = (mask[kGradFc2Bias] || mask[kGradLayerScale2]) && present(a.fc2_bias);
+  auto [da, dw2_gemm, db2_gemm] = conv1x1_backward(gs, act, p.w2, p.b2, {true, want_w2, want_b2});
+  const at::Tensor dw2_folded = want_w2 ? dw2_gemm.flatten(1).to(p.acc) : at::Tensor();
+  const at::Tensor db2_folded = want_b2 ? db2_gemm.to(p.acc) : at::Tensor();
   if (mask[kGradFc2Weight]) dw2 = as_param(p.ls2.defined() ? dw2_folded * p.ls2.unsqueeze(1) : dw2_folded, a.fc2_weight);
   if (mask[kGradFc2Bias] && db2_folded.defined()) db2 = as_param(times(db2_folded, p.ls2), a.fc2_bias);
   if (mask[kGradLayerScale2] && present(a.layer_scale2)) {
@@ -378,22 +382,24 @@ BlockBackwardResult block_backward(const at::Tensor& g_in, const at::Tensor& x,
   }
   if (mask[kGradResScale2]) drs2 = as_param(channel_sum(g * x1.to(p.acc)), a.res_scale2);
   // The activation and fc1.
-  const at::Tensor da = conv1x1(gs, p.w2.transpose(0, 1), at::Tensor());
   if (mask[kGradActScale] && present(a.act_scale)) {
     dscale = as_param(at::sum(da.to(p.acc) * at::relu(hidden).to(p.acc).square()).view({1}), a.act_scale);
   }
   if (mask[kGradActBias] && present(a.act_bias)) dbias = as_param(at::sum(da.to(p.acc)).view({1}), a.act_bias);
   const at::Tensor dh = activation_backward(da, hidden, a, p);
-  if (mask[kGradFc1Weight]) dw1 = as_param(channel_outer(dh, u).to(p.acc), a.fc1_weight);
-  if (mask[kGradFc1Bias]) db1 = as_param(channel_sum(dh.to(p.acc)), a.fc1_bias);
   const bool want_mixer = mask[kGradX] || mask[kGradNorm1Weight] || mask[kGradNorm1Bias] ||
                           mask[kGradLayerScale1] || mask[kGradResScale1];
   const bool want_norm2 = mask[kGradNorm2Weight] || mask[kGradNorm2Bias];
-  if (!want_mixer && !want_norm2) return out;
+  const bool want_du = want_mixer || want_norm2;
+  auto [du_gemm, dw1_gemm, db1_gemm] = conv1x1_backward(
+      dh, u, p.w1, p.b1, {want_du, mask[kGradFc1Weight], mask[kGradFc1Bias] && present(a.fc1_bias)});
+  if (mask[kGradFc1Weight]) dw1 = as_param(dw1_gemm.flatten(1), a.fc1_weight);
+  if (mask[kGradFc1Bias]) db1 = as_param(db1_gemm, a.fc1_bias);
+  if (!want_du) return out;
   at::Tensor dx1;
   if (differentiable) {
     const auto N = x.size(0);
-    const at::Tensor du = conv1x1(dh, p.w1.transpose(0, 1), at::Tensor()).to(p.acc);
+    const at::Tensor du = du_gemm.to(p.acc);
     if (mask[kGradNorm2Weight]) dn2w = as_param(channel_sum(du * dnorm.xhat), a.norm2_weight);
     if (mask[kGradNorm2Bias]) dn2b = as_param(channel_sum(du), a.norm2_bias);
     if (!want_mixer) return out;
@@ -402,7 +408,7 @@ BlockBackwardResult block_backward(const at::Tensor& g_in, const at::Tensor& x,
     dx1 = dnorm.rstd.view({N, 1, 1, 1}) *
           (dxhat - sample_mean(dxhat) - dnorm.xhat * sample_mean(dxhat * dnorm.xhat));
   } else {
-    dx1 = norm2_backward(dh, x, x1, mean2, rstd2, a, p, mask, want_mixer, dn2w, dn2b, as_param);
+    dx1 = norm2_backward(du_gemm, x, x1, mean2, rstd2, a, p, mask, want_mixer, dn2w, dn2b, as_param);
     if (!want_mixer) return out;
   }
   if (differentiable) {

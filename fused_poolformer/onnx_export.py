@@ -31,10 +31,14 @@ naming the block, instead of exporting a graph that computes something else.  (C
 directly, ``torch.onnx.export`` exports a training-mode drop path as ONNX random operators,
 with its usual warning about training mode: the translation sees only the mask's values.)
 
-To translate another operator (a whole-block fused operator, say): write its translation
-function, taking the operator's arguments in schema order and returning its outputs, and
-add one ``(operator name, function)`` line to ``_TRANSLATIONS`` (and the module that calls
-it to ``FUSED_BLOCK_TYPES``, so that export() checks that module's calls too).
+The whole-block operator (``block_forward``, docs/block.md) is written as the mixer above,
+then Norm2 (the same normalization, one group), two 1x1 ``Conv``s, ``Gelu`` (opset 20+; its
+formula below) or StarReLU (``Relu``, ``Mul``, ``Add``), the scales and the residual.
+
+To translate another operator: write its translation function, taking the operator's
+arguments in schema order and returning its outputs, and add one ``(operator name,
+function)`` line to ``_TRANSLATIONS`` (and the module that calls it to ``FUSED_BLOCK_TYPES``,
+so that export() checks that module's calls too).
 """
 
 from typing import Callable, Dict, Optional, Tuple
@@ -45,7 +49,8 @@ from torch import nn
 from . import contract, ops
 from .modules import FusedMetaFormerBlock, FusedPoolFormerBlock, FusedPoolMixer
 
-__all__ = ["check_exportable", "export", "onnx_translation_table", "translate_pool_mixer_forward"]
+__all__ = ["check_exportable", "export", "onnx_translation_table", "translate_block_forward",
+           "translate_pool_mixer_forward"]
 
 # The opset whose GroupNormalization takes per-channel scale and bias (GroupNormalization-18
 # took them per group and is deprecated); below it the LayerNormalization form is written.
@@ -178,6 +183,75 @@ def _group_normalization_21(x, num_groups: int, eps: float):
 
 
 # ---------------------------------------------------------------------------------------
+# The translation of block_forward: the mixer above, then Norm2, two 1x1 Convs, the
+# activation, the scales and the residual, in float32.
+
+# The opset that has Gelu (with its approximate attribute); below it GELU is written out.
+GELU_OPSET = 20
+
+
+def translate_block_forward(x, norm1_weight, norm1_bias, layer_scale1, res_scale1, sample_scale1, num_groups1,
+                            pool_size, eps1, norm2_weight, norm2_bias, eps2, fc1_weight, fc1_bias, fc2_weight,
+                            fc2_bias, layer_scale2, res_scale2, sample_scale2, activation, act_scale, act_bias,
+                            gemm_dtype, save_hidden):
+    """ONNX for ``block_forward(...) -> (out, hidden, mean1, rstd1, mean2, rstd2)``
+    (docs/block.md): every step in float32 (``gemm_dtype`` is a speed choice of the fused
+    kernels, not part of the result), the output cast back to x's dtype once."""
+    onnxscript, ir = _onnxscript()
+    op = onnxscript.opset18
+    x1, mean1, rstd1 = translate_pool_mixer_forward(x, norm1_weight, norm1_bias, layer_scale1, res_scale1,
+                                                    sample_scale1, num_groups1, pool_size, eps1)
+    x1 = op.Cast(x1, to=ir.DataType.FLOAT)
+    u, mean2, rstd2 = _group_norm(x1, 1, eps2)
+    if norm2_weight is not None:
+        u = op.Mul(u, _channel_product(norm2_weight))
+    if norm2_bias is not None:
+        u = op.Add(u, _channel_product(norm2_bias))
+    hidden = _conv1x1(u, fc1_weight, fc1_bias)
+    o = _conv1x1(_activation(hidden, activation, act_scale, act_bias), fc2_weight, fc2_bias)
+    if layer_scale2 is not None:
+        o = op.Mul(o, _channel_product(layer_scale2))
+    if sample_scale2 is not None:
+        o = op.Mul(o, op.Reshape(op.Cast(sample_scale2, to=ir.DataType.FLOAT), [-1, 1, 1, 1]))
+    shortcut = x1 if res_scale2 is None else op.Mul(x1, _channel_product(res_scale2))
+    out = op.Cast(op.Add(shortcut, o), to=x.dtype)
+    if not save_hidden:  # the operator returns an empty tensor then
+        hidden = op.Slice(op.Reshape(hidden, [-1]), [0], [0])
+    return out, hidden, mean1, rstd1, mean2, rstd2
+
+
+def _conv1x1(t, weight, bias):
+    """A 1x1 Conv of float32 t by an (out, in) weight."""
+    onnxscript, ir = _onnxscript()
+    op = onnxscript.opset18
+    kernel = op.Unsqueeze(op.Cast(weight, to=ir.DataType.FLOAT), [2, 3])
+    if bias is None:
+        return op.Conv(t, kernel)
+    return op.Conv(t, kernel, op.Cast(bias, to=ir.DataType.FLOAT))
+
+
+def _activation(h, kind: str, scale, bias):
+    """GELU (Gelu-20, or its erf / tanh formula below opset 20) or StarReLU s * Relu(h)^2 + b."""
+    onnxscript, ir = _onnxscript()
+    op = onnxscript.opset18
+    if kind == "star_relu":
+        relu = op.Relu(h)
+        out = op.Mul(relu, relu)
+        if scale is not None:
+            out = op.Mul(out, op.Cast(scale, to=ir.DataType.FLOAT))
+        return out if bias is None else op.Add(out, op.Cast(bias, to=ir.DataType.FLOAT))
+    approximate = "tanh" if kind == "gelu_tanh" else "none"
+    if _target_opset() >= GELU_OPSET:
+        return onnxscript.opset20.Gelu(h, approximate=approximate)
+    half = op.Mul(h, op.CastLike(0.5, h))
+    if approximate == "none":
+        return op.Mul(half, op.Add(op.CastLike(1.0, h), op.Erf(op.Mul(h, op.CastLike(0.5 ** 0.5, h)))))
+    inner = op.Mul(op.CastLike((2 / 3.141592653589793) ** 0.5, h),
+                   op.Add(h, op.Mul(op.CastLike(0.044715, h), op.Mul(h, op.Mul(h, h)))))
+    return op.Mul(half, op.Add(op.CastLike(1.0, h), op.Tanh(inner)))
+
+
+# ---------------------------------------------------------------------------------------
 # The table.
 
 # (operator name in the fused_poolformer namespace, translation).  An operator not
@@ -185,6 +259,7 @@ def _group_normalization_21(x, num_groups: int, eps: float):
 _TRANSLATIONS: Tuple[Tuple[str, Callable], ...] = (
     ("pool_mixer_forward", translate_pool_mixer_forward),
     ("triton_pool_mixer_forward", translate_pool_mixer_forward),
+    ("block_forward", translate_block_forward),
 )
 
 

@@ -22,7 +22,7 @@ ort = pytest.importorskip("onnxruntime")
 from helpers import ROOT, assert_close_to, make_inputs, reference64, requires_cpu_kernels  # noqa: E402
 
 import fused_poolformer  # noqa: E402
-from fused_poolformer import FusedPoolMixer  # noqa: E402
+from fused_poolformer import FusedPoolMixer, reference  # noqa: E402
 from fused_poolformer.onnx_export import export  # noqa: E402
 
 # The C++ operator is what the translation translates (without it a model runs unfused).
@@ -84,24 +84,26 @@ def assert_standard_onnx(model_proto, *op_types: str) -> None:
 # Converted timm models.
 
 
-def converted_timm_model(name: str, **timm_options) -> nn.Module:
-    """timm's ``name`` (random init), converted, with the first branch's norm weight and
-    bias, layer scale and res scale drawn from U(0.5, 1.5): timm's layer-scale init of 1e-5
-    would leave the fused branch too small for a wrong translation to show in the logits."""
+def converted_timm_model(name: str, fuse: str = "block", **timm_options) -> nn.Module:
+    """timm's ``name`` (random init), converted, with both branches' norm weights and biases,
+    layer scales and res scales drawn from U(0.5, 1.5): timm's layer-scale init of 1e-5
+    would leave the fused branches too small for a wrong translation to show in the logits."""
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
-    model = fused_poolformer.convert_model(timm.create_model(name, pretrained=False, **timm_options))
+    model = fused_poolformer.convert_model(timm.create_model(name, pretrained=False, **timm_options), fuse=fuse)
     assert model.fused_poolformer_report.converted
+    assert set(model.fused_poolformer_report.levels.values()) == {fuse}
     with torch.no_grad():
         for parameter_name, parameter in model.named_parameters():
-            if re.search(r"\.(norm1|layer_scale1|res_scale1)\.", parameter_name):
+            if re.search(r"\.(norm[12]|layer_scale[12]|res_scale[12])\.", parameter_name):
                 parameter.uniform_(0.5, 1.5)
     return model
 
 
+@pytest.mark.parametrize("fuse", ["block", "mixer"])
 @pytest.mark.parametrize("name", ["poolformer_s12", "poolformerv2_s12"])
-def test_converted_timm_model_matches_in_onnx_runtime_at_other_batch_sizes(name):
-    model = converted_timm_model(name).eval()
+def test_converted_timm_model_matches_in_onnx_runtime_at_other_batch_sizes(name, fuse):
+    model = converted_timm_model(name, fuse).eval()
     program = export(model, (torch.randn(2, 3, IMAGE, IMAGE),), dynamic_shapes=({0: BATCH},), verbose=False)
     onnx.checker.check_model(program.model_proto, full_check=True)
     assert_standard_onnx(program.model_proto, "LayerNormalization", "AveragePool")
@@ -290,3 +292,54 @@ def test_export_refuses_dynamic_axes():
     model = small_model(FusedPoolMixer(8)).eval()
     with pytest.raises(TypeError, match="pass dynamic_shapes"):
         export(model, (torch.randn(2, 3, 5, 5),), dynamic_axes={"x": {0: "batch"}})
+
+
+# ---------------------------------------------------------------------------------------
+# The whole-block operator alone, against the unfused graph.
+
+
+class BlockOperator(nn.Module):
+    """A whole block through ``poolformer_block`` (the C++ block operator), every vector random."""
+
+    def __init__(self, activation: str, channels: int = 8, hidden: int = 20):
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        for name in ("norm1_weight", "norm1_bias", "layer_scale1", "res_scale1", "norm2_weight", "norm2_bias",
+                     "fc2_bias", "layer_scale2", "res_scale2"):
+            self.register_buffer(name, torch.rand(channels, generator=g) + 0.5)
+        self.register_buffer("fc1_weight", torch.randn(hidden, channels, generator=g) * channels ** -0.5)
+        self.register_buffer("fc1_bias", torch.randn(hidden, generator=g) * 0.3)
+        self.register_buffer("fc2_weight", torch.randn(channels, hidden, generator=g) * hidden ** -0.5)
+        self.activation = activation
+        if activation == "star_relu":
+            self.register_buffer("act_scale", torch.tensor([0.8]))
+            self.register_buffer("act_bias", torch.tensor([-0.1]))
+        else:
+            self.act_scale = self.act_bias = None
+
+    def arguments(self):
+        return {name: getattr(self, name) for name in (
+            "norm1_weight", "norm1_bias", "layer_scale1", "res_scale1", "norm2_weight", "norm2_bias", "fc1_weight",
+            "fc1_bias", "fc2_weight", "fc2_bias", "layer_scale2", "res_scale2", "act_scale", "act_bias")}
+
+    def forward(self, x):
+        return fused_poolformer.poolformer_block(x, **self.arguments(), activation=self.activation, backend="cpu")
+
+
+@pytest.mark.parametrize("activation, opset_version, dtype", [
+    ("gelu", 20, torch.float32), ("gelu_tanh", 18, torch.float32), ("star_relu", 21, torch.float32),
+    ("gelu", 18, torch.bfloat16)])
+def test_block_operator_matches_the_unfused_graph_in_onnx_runtime(activation, opset_version, dtype):
+    module = BlockOperator(activation).to(dtype)
+    x = torch.randn(2, 8, 5, 6).to(dtype)
+    program = export(module, (x,), dynamic_shapes=({0: BATCH},), opset_version=opset_version, verbose=False)
+    onnx.checker.check_model(program.model_proto, full_check=True)
+    assert_standard_onnx(program.model_proto, "Conv", "AveragePool")
+    session = onnx_runtime_session(program)
+    for batch in (1, 3):
+        x = torch.randn(batch, 8, 5, 6).to(dtype)
+        arguments = {k: (v.double() if v is not None else None) for k, v in module.arguments().items()}
+        expected = reference.poolformer_block(x.double(), **arguments, activation_kind=activation)
+        (actual,) = run_onnx(session, x)
+        tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+        assert relative_error(actual, expected) < tolerance, f"batch {batch}"
