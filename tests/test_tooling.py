@@ -46,17 +46,6 @@ FUSE_LEVELS = ("mixer", "block")
 REL_TOL = 1e-5  # fused vs unfused in float32, relative to the largest |output|
 # The block-level modules (fused_poolformer/block_modules.py) neither trace nor script yet:
 # these marks come off when they do (strict: a pass is reported).
-BLOCK_LEVEL_FX = pytest.mark.xfail(
-    strict=True, raises=TypeError,
-    reason="block_modules.py calls poolformer_block on the fx Proxy: it needs "
-           "torch.fx.wrap('poolformer_block') there (as modules.py wraps pool_mixer)")
-BLOCK_LEVEL_SCRIPT = pytest.mark.xfail(
-    strict=True, raises=(RuntimeError, torch.jit.frontend.FrontendError),
-    reason="block_modules.py's forward does not compile in TorchScript (norm_arguments, poolformer_block): "
-           "it needs an `if torch.jit.is_scripting():` path through torch.ops, its Python path in a "
-           "@torch.jit.unused method (as modules.py's token_mixer_branch)")
-
-
 def fuse_params(block_marks=()):
     return [pytest.param("mixer", id="mixer"), pytest.param("block", id="block", marks=list(block_marks))]
 
@@ -77,14 +66,22 @@ def timm_model():
     return get
 
 
+FUSED_ENTRIES = (fused_poolformer.pool_mixer, fused_poolformer.poolformer_block)
+
+
 def fused_calls(graph_module: torch.fx.GraphModule):
-    return [n for n in graph_module.graph.nodes if n.op == "call_function" and n.target is fused_poolformer.pool_mixer]
+    """The fx nodes calling a fused entry point (the mixer's or, at the block level, the block's)."""
+    return [n for n in graph_module.graph.nodes if n.op == "call_function" and n.target in FUSED_ENTRIES]
+
+
+def norm_weight_argument(node: torch.fx.Node):
+    return node.args[1] if node.target is fused_poolformer.pool_mixer else node.kwargs["norm1_weight"]
 
 
 # --- torch.fx ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fuse", fuse_params([BLOCK_LEVEL_FX]))
+@pytest.mark.parametrize("fuse", fuse_params())
 @pytest.mark.parametrize("name", MODELS)
 def test_fx_symbolic_trace_matches_the_original(timm_model, name, fuse):
     model, x, expected = timm_model(name)
@@ -94,14 +91,14 @@ def test_fx_symbolic_trace_matches_the_original(timm_model, name, fuse):
     # The fused op is one leaf node per block, not traced into (its inputs: the parameters).
     calls = fused_calls(traced)
     assert len(calls) == len(fused.fused_poolformer_report.converted) == 12
-    assert calls[0].args[1].op == "get_attr"  # the norm weight
+    assert norm_weight_argument(calls[0]).op == "get_attr"  # the norm weight
     with torch.no_grad():
         out = traced(x)
         assert torch.equal(out, fused(x))
     assert relative_error(out, expected) < REL_TOL
 
 
-@pytest.mark.parametrize("fuse", fuse_params([BLOCK_LEVEL_FX]))
+@pytest.mark.parametrize("fuse", fuse_params())
 @pytest.mark.parametrize("name", MODELS)
 def test_timm_fx_feature_extractor_matches_the_original(timm_model, name, fuse):
     """timm's create_feature_extractor (torchvision's, with timm's leaf modules): the stage
@@ -166,7 +163,7 @@ def scripted_operators(scripted) -> str:
     return str(scripted.inlined_graph)
 
 
-@pytest.mark.parametrize("fuse", fuse_params([BLOCK_LEVEL_SCRIPT]))
+@pytest.mark.parametrize("fuse", fuse_params())
 @pytest.mark.parametrize("name", MODELS)
 def test_torchscript_matches_the_original(timm_model, name, fuse):
     model, x, expected = timm_model(name)
@@ -229,7 +226,7 @@ def test_scripted_training_step_matches_the_original():
     assert torch.equal(fused.get_parameter(name).detach(), params_got[name])  # scripting shares them
 
 
-@pytest.mark.parametrize("fuse", fuse_params([BLOCK_LEVEL_SCRIPT]))
+@pytest.mark.parametrize("fuse", fuse_params())
 def test_torchscript_official_repositories(fuse):
     """The original PoolFormer repository's model scripts (with layer scale, as its forward
     needs), and so does a MetaFormer-baselines block whose norms script (a LayerNormGeneral
@@ -295,7 +292,7 @@ def test_torchscript_refuses_a_backend_it_cannot_reach(backend):
         torch.jit.script(FusedPoolMixer(4, backend=backend))
 
 
-def test_scripted_cpu_backend_refuses_other_devices():
+def test_scripted_explicit_backend_refuses_other_devices():
     """The scripted path keeps the eager path's device check for an explicit backend."""
     scripted = torch.jit.script(FusedPoolMixer(4, backend="cuda"))
     with pytest.raises(Exception, match="backend='cuda' cannot serve a tensor on cpu"):
