@@ -84,8 +84,13 @@ using BlockBackwardSignature = BlockBackwardResult(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& hidden,
     const at::Tensor& mean1, const at::Tensor& rstd1, const at::Tensor& mean2,
     const at::Tensor& rstd2, FPM_BLOCK_PARAMETERS, BlockMask output_mask);
-const c10::TypedOperatorHandle<BlockForwardSignature>& block_forward_handle();
-const c10::TypedOperatorHandle<BlockBackwardSignature>& block_backward_handle();
+// The two families of block operators, one signature: the C++ one (block_forward /
+// block_backward) composes the C++ mixer operators, the Triton one (triton_block_forward /
+// triton_block_backward) the Triton mixer operators, which fused_poolformer.triton registers
+// from Python (looked up when first called).  The MLP branch is the same ATen composition.
+enum class BlockFamily : int { kCpp = 0, kTriton = 1 };
+const c10::TypedOperatorHandle<BlockForwardSignature>& block_forward_handle(BlockFamily family);
+const c10::TypedOperatorHandle<BlockBackwardSignature>& block_backward_handle(BlockFamily family);
 
 // Argument checks (messages name the argument; fused_poolformer/block_contract.py is the
 // Python twin, word for word).
@@ -98,16 +103,19 @@ void check_block_backward_args(const at::Tensor& grad_out, const at::Tensor& x,
 // The operators' bodies for one device type (the device's kernels run underneath: the
 // mixer's through the dispatcher, the GEMMs through ATen).
 BlockForwardResult run_block_forward(const at::Tensor& x, const BlockArgs& a, bool save_hidden,
-                                     at::DeviceType device_type);
+                                     at::DeviceType device_type,
+                                     BlockFamily family = BlockFamily::kCpp);
 BlockBackwardResult run_block_backward(const at::Tensor& grad_out, const at::Tensor& x,
                                        const at::Tensor& hidden, const at::Tensor& mean1,
                                        const at::Tensor& rstd1, const at::Tensor& mean2,
                                        const at::Tensor& rstd2, const BlockArgs& a,
-                                       BlockMask mask, at::DeviceType device_type);
+                                       BlockMask mask, at::DeviceType device_type,
+                                       BlockFamily family = BlockFamily::kCpp);
 
 // The backward's formulas (docs/block.md) through differentiable ATen operators: the
 // backward under create_graph=True, where second derivatives must be exact.  Recomputes x1,
-// its statistics and hidden from x.
+// its statistics and hidden from x.  The C++ family only (the Triton mixer's backward
+// operator is not differentiable itself: its double backward lives in Python).
 BlockBackwardResult differentiable_block_backward(const at::Tensor& grad_out, const at::Tensor& x,
                                                   const BlockArgs& a, BlockMask mask);
 

@@ -15,6 +15,7 @@
 #include <torch/csrc/dynamo/compiled_autograd.h>
 #include <torch/library.h>
 
+#include <array>
 #include <mutex>
 #include <string>
 
@@ -22,18 +23,22 @@
 
 namespace fused_poolformer {
 
-const c10::TypedOperatorHandle<BlockForwardSignature>& block_forward_handle() {
-  static const auto handle = c10::Dispatcher::singleton()
-                                 .findSchemaOrThrow("fused_poolformer::block_forward", "")
-                                 .typed<BlockForwardSignature>();
-  return handle;
+const c10::TypedOperatorHandle<BlockForwardSignature>& block_forward_handle(BlockFamily family) {
+  static const std::array<c10::TypedOperatorHandle<BlockForwardSignature>, 2> handles{
+      c10::Dispatcher::singleton().findSchemaOrThrow("fused_poolformer::block_forward", "")
+          .typed<BlockForwardSignature>(),
+      c10::Dispatcher::singleton().findSchemaOrThrow("fused_poolformer::triton_block_forward", "")
+          .typed<BlockForwardSignature>()};
+  return handles[static_cast<int>(family)];
 }
 
-const c10::TypedOperatorHandle<BlockBackwardSignature>& block_backward_handle() {
-  static const auto handle = c10::Dispatcher::singleton()
-                                 .findSchemaOrThrow("fused_poolformer::block_backward", "")
-                                 .typed<BlockBackwardSignature>();
-  return handle;
+const c10::TypedOperatorHandle<BlockBackwardSignature>& block_backward_handle(BlockFamily family) {
+  static const std::array<c10::TypedOperatorHandle<BlockBackwardSignature>, 2> handles{
+      c10::Dispatcher::singleton().findSchemaOrThrow("fused_poolformer::block_backward", "")
+          .typed<BlockBackwardSignature>(),
+      c10::Dispatcher::singleton().findSchemaOrThrow("fused_poolformer::triton_block_backward", "")
+          .typed<BlockBackwardSignature>()};
+  return handles[static_cast<int>(family)];
 }
 
 namespace {
@@ -80,7 +85,7 @@ class BlockBackward : public torch::autograd::TraceableFunction {
     std::array<at::Tensor, kNumInputs> in;
     for (int i = 0; i < kNumInputs; ++i) in[i] = inputs_[i].unpack(self);
     const BlockArgs a = args(in);
-    const auto result = block_backward_handle().call(
+    const auto result = block_backward_handle(family_).call(
         grads[0], in[kInX], hidden_.unpack(self), mean1_.unpack(self), rstd1_.unpack(self),
         mean2_.unpack(self), rstd2_.unpack(self), a.norm1_weight, a.norm1_bias, a.layer_scale1,
         a.res_scale1, a.sample_scale1, num_groups1_, pool_size_, eps1_, a.norm2_weight,
@@ -108,6 +113,7 @@ class BlockBackward : public torch::autograd::TraceableFunction {
     args.collect(eps2_);
     args.collect(activation_);
     args.collect(gemm_dtype_);
+    args.collect(static_cast<int64_t>(family_));
   }
 
   variable_list apply_with_saved(const variable_list& grads,
@@ -118,7 +124,9 @@ class BlockBackward : public torch::autograd::TraceableFunction {
     return out;
   }
 
-  void save(const at::Tensor& x, const BlockArgs& a, const BlockForwardResult& result) {
+  void save(const at::Tensor& x, const BlockArgs& a, const BlockForwardResult& result,
+            BlockFamily family) {
+    family_ = family;
     const auto inputs = tensor_inputs(x, a);
     for (int i = 0; i < kNumInputs; ++i) inputs_[i] = SavedVariable(or_undefined(inputs[i]), false);
     const auto& [out, hidden, mean1, rstd1, mean2, rstd2] = result;
@@ -155,8 +163,10 @@ class BlockBackward : public torch::autograd::TraceableFunction {
   double eps1_ = 1e-5, eps2_ = 1e-5;
   std::string activation_;
   std::optional<at::ScalarType> gemm_dtype_;
+  BlockFamily family_ = BlockFamily::kCpp;
 };
 
+template <BlockFamily kFamily>
 BlockForwardResult block_forward_autograd(c10::DispatchKeySet ks, const at::Tensor& x,
                                           FPM_BLOCK_PARAMETERS, bool save_hidden) {
   const BlockArgs a = block_args(FPM_BLOCK_ARGUMENTS);
@@ -178,18 +188,19 @@ BlockForwardResult block_forward_autograd(c10::DispatchKeySet ks, const at::Tens
   }
   auto result = [&] {
     at::AutoDispatchBelowADInplaceOrView guard;
-    return block_forward_handle().redispatch(ks & c10::after_ADInplaceOrView_keyset, x,
+    return block_forward_handle(kFamily).redispatch(ks & c10::after_ADInplaceOrView_keyset, x,
                                              FPM_BLOCK_ARGUMENTS, save_hidden);
   }();
   if (node) {
     // Only out is differentiable; hidden and the statistics get no history.
     torch::autograd::set_history(std::get<0>(result), node);
-    node->save(x, a, result);
+    node->save(x, a, result, kFamily);
     torch::autograd::fire_node_creation_hooks(node);
   }
   return result;
 }
 
+template <BlockFamily kFamily>
 BlockBackwardResult block_backward_autograd(c10::DispatchKeySet ks, const at::Tensor& grad_out,
                                             const at::Tensor& x, const at::Tensor& hidden,
                                             const at::Tensor& mean1, const at::Tensor& rstd1,
@@ -199,13 +210,16 @@ BlockBackwardResult block_backward_autograd(c10::DispatchKeySet ks, const at::Te
   bool differentiable = grad_out.requires_grad();
   for (const auto& t : tensor_inputs(x, a)) differentiable = differentiable || requires_grad(t);
   if (at::GradMode::is_enabled() && differentiable) {
+    TORCH_CHECK_NOT_IMPLEMENTED(kFamily == BlockFamily::kCpp,
+                                "poolformer_block: double backward (create_graph=True) is not "
+                                "supported on the triton backend; use backend 'cpu' or 'cuda'");
     if (!x.unsafeGetTensorImpl()->has_symbolic_sizes_strides()) {
       check_block_backward_args(grad_out, x, hidden, mean1, rstd1, mean2, rstd2, a);
     }
     return differentiable_block_backward(grad_out, x, a, output_mask);
   }
   at::AutoDispatchBelowADInplaceOrView guard;
-  return block_backward_handle().redispatch(ks & c10::after_ADInplaceOrView_keyset, grad_out, x,
+  return block_backward_handle(kFamily).redispatch(ks & c10::after_ADInplaceOrView_keyset, grad_out, x,
                                             hidden, mean1, rstd1, mean2, rstd2,
                                             FPM_BLOCK_ARGUMENTS, output_mask);
 }
@@ -213,8 +227,10 @@ BlockBackwardResult block_backward_autograd(c10::DispatchKeySet ks, const at::Te
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_poolformer, Autograd, m) {
-  m.impl("block_forward", &block_forward_autograd);
-  m.impl("block_backward", &block_backward_autograd);
+  m.impl("block_forward", &block_forward_autograd<BlockFamily::kCpp>);
+  m.impl("block_backward", &block_backward_autograd<BlockFamily::kCpp>);
+  m.impl("triton_block_forward", &block_forward_autograd<BlockFamily::kTriton>);
+  m.impl("triton_block_backward", &block_backward_autograd<BlockFamily::kTriton>);
 }
 
 }  // namespace fused_poolformer

@@ -13,7 +13,10 @@
 #include <ATen/core/stack.h>
 #include <c10/core/DeviceGuard.h>
 
+#include <torch/library.h>
+
 #include <cmath>
+#include <vector>
 
 namespace fused_poolformer {
 
@@ -326,6 +329,56 @@ at::Tensor mlp_output(const at::Tensor& x1, const at::Tensor& act, const Prepare
   return p.res2.defined() ? o.addcmul_(x1, p.res2) : o.add_(x1);
 }
 
+// The mixer operators of a family.  The Triton ones are registered by Python (their int
+// arguments are SymInts, their mask a bool[]), so they are called boxed.
+c10::OperatorHandle triton_mixer_op(const char* name) {
+  const auto op = c10::Dispatcher::singleton().findSchema({name, ""});
+  TORCH_CHECK(op.has_value(), kWho, ": the Triton operator ", name,
+              " is not registered (import fused_poolformer.triton first)");
+  return *op;
+}
+
+c10::List<bool> bool_list(const std::array<bool, 5>& mask) {
+  c10::List<bool> list;
+  for (bool b : mask) list.push_back(b);
+  return list;
+}
+
+c10::IValue optional_arg(const OptionalTensor& t) { return present(t) ? c10::IValue(*t) : c10::IValue(); }
+
+ForwardResult mixer_forward(const at::Tensor& x, const BlockArgs& a, BlockFamily family) {
+  if (family == BlockFamily::kCpp) {
+    return forward_handle().call(x, a.norm1_weight, a.norm1_bias, a.layer_scale1, a.res_scale1,
+                                 a.sample_scale1, a.num_groups1, a.pool_size, a.eps1);
+  }
+  static const c10::OperatorHandle op = triton_mixer_op("fused_poolformer::triton_pool_mixer_forward");
+  torch::jit::Stack stack{x, optional_arg(a.norm1_weight), optional_arg(a.norm1_bias),
+                          optional_arg(a.layer_scale1), optional_arg(a.res_scale1),
+                          optional_arg(a.sample_scale1), a.num_groups1, a.pool_size, a.eps1};
+  op.callBoxed(&stack);
+  return {stack[0].toTensor(), stack[1].toTensor(), stack[2].toTensor()};
+}
+
+BackwardResult mixer_backward(const at::Tensor& dx1, const at::Tensor& x, const at::Tensor& mean1,
+                              const at::Tensor& rstd1, const BlockArgs& a,
+                              std::array<bool, 5> mask, BlockFamily family) {
+  if (family == BlockFamily::kCpp) {
+    return backward_handle().call(dx1, x, mean1, rstd1, a.norm1_weight, a.norm1_bias,
+                                  a.layer_scale1, a.res_scale1, a.sample_scale1, a.num_groups1,
+                                  a.pool_size, a.eps1, mask);
+  }
+  static const c10::OperatorHandle op = triton_mixer_op("fused_poolformer::triton_pool_mixer_backward");
+  torch::jit::Stack stack{dx1, x, mean1, rstd1, optional_arg(a.norm1_weight),
+                          optional_arg(a.norm1_bias), optional_arg(a.layer_scale1),
+                          optional_arg(a.res_scale1), optional_arg(a.sample_scale1), a.num_groups1,
+                          a.pool_size, a.eps1, bool_list(mask)};
+  op.callBoxed(&stack);
+  // A Python operator returns an empty tensor for a gradient not asked for: make it none.
+  auto wanted = [&](int i) { return mask[i] ? stack[i].toTensor() : at::Tensor(); };
+  return {wanted(0), wanted(1), wanted(2), wanted(3), wanted(4)};
+}
+
+
 // Norm2's backward by ATen's group-norm backward kernel, from x1 and the saved statistics:
 // dx1 (undefined unless want_dx1) in acc, and Norm2's affine gradients where asked for.
 template <typename AsParam>
@@ -348,7 +401,8 @@ BlockBackwardResult block_backward(const at::Tensor& g_in, const at::Tensor& x,
                                    const at::Tensor& x1, const at::Tensor& mean1,
                                    const at::Tensor& rstd1, const at::Tensor& mean2,
                                    const at::Tensor& rstd2, const at::Tensor& saved_hidden,
-                                   const BlockArgs& a, BlockMask mask, bool differentiable) {
+                                   const BlockArgs& a, BlockMask mask, bool differentiable,
+                                   BlockFamily family) {
   const Prepared p = prepare(x, a);
   const at::Tensor g = g_in.to(p.acc);
   // u and hidden again where not saved (u always: it is fc1's input, of x1's size).
@@ -419,28 +473,21 @@ BlockBackwardResult block_backward(const at::Tensor& g_in, const at::Tensor& x,
   // The first branch: the mixer's own backward.
   const std::array<bool, 5> mixer_mask{mask[kGradX], mask[kGradNorm1Weight], mask[kGradNorm1Bias],
                                        mask[kGradLayerScale1], mask[kGradResScale1]};
-  std::tie(dx, dn1w, dn1b, dls1, drs1) = backward_handle().call(
-      dx1.to(p.out).contiguous(x.suggest_memory_format()), x, mean1, rstd1, a.norm1_weight,
-      a.norm1_bias, a.layer_scale1, a.res_scale1, a.sample_scale1, a.num_groups1, a.pool_size,
-      a.eps1, mixer_mask);
+  std::tie(dx, dn1w, dn1b, dls1, drs1) = mixer_backward(
+      dx1.to(p.out).contiguous(x.suggest_memory_format()), x, mean1, rstd1, a, mixer_mask, family);
   return out;
-}
-
-ForwardResult mixer_forward(const at::Tensor& x, const BlockArgs& a) {
-  return forward_handle().call(x, a.norm1_weight, a.norm1_bias, a.layer_scale1, a.res_scale1,
-                               a.sample_scale1, a.num_groups1, a.pool_size, a.eps1);
 }
 
 }  // namespace
 
 BlockForwardResult run_block_forward(const at::Tensor& x_in, const BlockArgs& a, bool save_hidden,
-                                     at::DeviceType device_type) {
+                                     at::DeviceType device_type, BlockFamily family) {
   check_block_args(x_in, a);
   check_device_type_arg(x_in, device_type, kWho);
   const c10::DeviceGuard device_guard(x_in.device());
   const auto format = x_in.suggest_memory_format();
   const at::Tensor x = x_in.contiguous(format);
-  auto [x1, mean1, rstd1] = mixer_forward(x, a);
+  auto [x1, mean1, rstd1] = mixer_forward(x, a, family);
   const Prepared p = prepare(x1, a);
   auto [u, mean2, rstd2] = norm2(x1, a, p);
   // Without the backward's need for h, the activation rides in fc1 (oneDNN post-op).
@@ -456,25 +503,57 @@ BlockBackwardResult run_block_backward(const at::Tensor& grad_out, const at::Ten
                                        const at::Tensor& hidden, const at::Tensor& mean1,
                                        const at::Tensor& rstd1, const at::Tensor& mean2,
                                        const at::Tensor& rstd2, const BlockArgs& a,
-                                       BlockMask mask, at::DeviceType device_type) {
+                                       BlockMask mask, at::DeviceType device_type,
+                                       BlockFamily family) {
   check_block_backward_args(grad_out, x_in, hidden, mean1, rstd1, mean2, rstd2, a);
   check_device_type_arg(x_in, device_type, kWho);
   const c10::DeviceGuard device_guard(x_in.device());
   const auto format = x_in.suggest_memory_format();
   const at::Tensor x = x_in.contiguous(format);
   // x1 again (the forward saved x, not x1): the mixer's forward.
-  const at::Tensor x1 = std::get<0>(mixer_forward(x, a));
+  const at::Tensor x1 = std::get<0>(mixer_forward(x, a, family));
   return block_backward(grad_out.contiguous(format), x, x1, mean1, rstd1, mean2, rstd2, hidden, a,
-                        mask, /*differentiable=*/false);
+                        mask, /*differentiable=*/false, family);
 }
 
 BlockBackwardResult differentiable_block_backward(const at::Tensor& grad_out, const at::Tensor& x,
                                                   const BlockArgs& a, BlockMask mask) {
   // Everything from x and the parameters, through operators autograd can differentiate: the
   // mixer's forward operator, its backward operator (differentiable under grad mode) and ATen.
-  auto [x1, mean1, rstd1] = mixer_forward(x, a);
+  auto [x1, mean1, rstd1] = mixer_forward(x, a, BlockFamily::kCpp);
   return block_backward(grad_out, x, x1, mean1, rstd1, at::Tensor(), at::Tensor(), at::Tensor(), a,
-                        mask, /*differentiable=*/true);
+                        mask, /*differentiable=*/true, BlockFamily::kCpp);
+}
+
+// The Triton family: the same composition over the Triton mixer, for the tensors Triton
+// serves (CUDA, and CPU under its interpreter).
+namespace {
+
+BlockForwardResult triton_block_forward(const at::Tensor& x, FPM_BLOCK_PARAMETERS, bool save_hidden) {
+  return run_block_forward(x, block_args(FPM_BLOCK_ARGUMENTS), save_hidden, x.device().type(),
+                           BlockFamily::kTriton);
+}
+
+BlockBackwardResult triton_block_backward(const at::Tensor& grad_out, const at::Tensor& x,
+                                          const at::Tensor& hidden, const at::Tensor& mean1,
+                                          const at::Tensor& rstd1, const at::Tensor& mean2,
+                                          const at::Tensor& rstd2, FPM_BLOCK_PARAMETERS,
+                                          BlockMask output_mask) {
+  return run_block_backward(grad_out, x, hidden, mean1, rstd1, mean2, rstd2,
+                            block_args(FPM_BLOCK_ARGUMENTS), output_mask, x.device().type(),
+                            BlockFamily::kTriton);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_poolformer, CPU, m) {
+  m.impl("triton_block_forward", &triton_block_forward);
+  m.impl("triton_block_backward", &triton_block_backward);
+}
+
+TORCH_LIBRARY_IMPL(fused_poolformer, CUDA, m) {
+  m.impl("triton_block_forward", &triton_block_forward);
+  m.impl("triton_block_backward", &triton_block_backward);
 }
 
 }  // namespace fused_poolformer

@@ -4,6 +4,8 @@
 // csrc/autograd.cpp; fake kernels come from Python (fused_poolformer/contract.py).
 #include <torch/library.h>
 
+#include <string>
+
 TORCH_LIBRARY(fused_poolformer, m) {
   // y = res_scale * x + layer_scale * sample_scale * (Pool(GroupNorm(x)) - GroupNorm(x)).
   // Returns (y, mean, rstd); mean and rstd have shape (N, num_groups) and are float32
@@ -26,25 +28,25 @@ TORCH_LIBRARY(fused_poolformer, m) {
   // (C, hidden).  Returns (out, hidden, mean1, rstd1, mean2, rstd2): hidden is fc1's output
   // (empty unless save_hidden), mean1/rstd1 the mixer's (N, num_groups1) statistics,
   // mean2/rstd2 x1's (N, 1) ones.  gemm_dtype: the GEMMs' dtype (autocast), x's if None.
-  m.def(
-      "block_forward(Tensor x, Tensor? norm1_weight, Tensor? norm1_bias, Tensor? layer_scale1, "
-      "Tensor? res_scale1, Tensor? sample_scale1, int num_groups1, int pool_size, float eps1, "
-      "Tensor? norm2_weight, Tensor? norm2_bias, float eps2, Tensor fc1_weight, Tensor? fc1_bias, "
-      "Tensor fc2_weight, Tensor? fc2_bias, Tensor? layer_scale2, Tensor? res_scale2, "
-      "Tensor? sample_scale2, str activation, Tensor? act_scale, Tensor? act_bias, "
-      "ScalarType? gemm_dtype, bool save_hidden) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // The gradients of (x, norm1_weight, norm1_bias, layer_scale1, res_scale1, norm2_weight,
-  // norm2_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale2, res_scale2,
-  // act_scale, act_bias); hidden may be empty (recomputed).  Unrequested or absent: undefined.
-  m.def(
-      "block_backward(Tensor grad_out, Tensor x, Tensor hidden, Tensor mean1, Tensor rstd1, "
-      "Tensor mean2, Tensor rstd2, Tensor? norm1_weight, Tensor? norm1_bias, "
-      "Tensor? layer_scale1, Tensor? res_scale1, Tensor? sample_scale1, int num_groups1, "
-      "int pool_size, float eps1, Tensor? norm2_weight, Tensor? norm2_bias, float eps2, "
-      "Tensor fc1_weight, Tensor? fc1_bias, Tensor fc2_weight, Tensor? fc2_bias, "
-      "Tensor? layer_scale2, Tensor? res_scale2, Tensor? sample_scale2, str activation, "
-      "Tensor? act_scale, Tensor? act_bias, ScalarType? gemm_dtype, bool[15] output_mask) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
-      "Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // block_backward returns the gradients of (x, norm1_weight, norm1_bias, layer_scale1,
+  // res_scale1, norm2_weight, norm2_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+  // layer_scale2, res_scale2, act_scale, act_bias); hidden may be empty (recomputed).
+  // Unrequested or absent: undefined.  Two families with one signature (csrc/block.h): the
+  // C++ one over the C++ mixer (block_*), the Triton one over the Triton mixer (triton_block_*).
+  const std::string parameters =
+      "Tensor? norm1_weight, Tensor? norm1_bias, Tensor? layer_scale1, Tensor? res_scale1, "
+      "Tensor? sample_scale1, int num_groups1, int pool_size, float eps1, Tensor? norm2_weight, "
+      "Tensor? norm2_bias, float eps2, Tensor fc1_weight, Tensor? fc1_bias, Tensor fc2_weight, "
+      "Tensor? fc2_bias, Tensor? layer_scale2, Tensor? res_scale2, Tensor? sample_scale2, "
+      "str activation, Tensor? act_scale, Tensor? act_bias, ScalarType? gemm_dtype";
+  for (const std::string prefix : {"", "triton_"}) {
+    m.def((prefix + "block_forward(Tensor x, " + parameters +
+           ", bool save_hidden) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+              .c_str());
+    m.def((prefix + "block_backward(Tensor grad_out, Tensor x, Tensor hidden, Tensor mean1, "
+           "Tensor rstd1, Tensor mean2, Tensor rstd2, " + parameters +
+           ", bool[15] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
+           "Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+              .c_str());
+  }
 }

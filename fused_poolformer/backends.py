@@ -3,7 +3,8 @@
 A backend is a named set of operators with the contract of ``fused_poolformer.contract``
 (docs/contract.md), for one operator family after another: ``"pool_mixer"`` (the token
 mixer) and ``"block"`` (the whole block, ``fused_poolformer.block_contract``), each a
-forward and a backward operator; a backend may lack a family (Triton has no block yet).
+forward and a backward operator; a backend may lack a family (Triton's block operators come
+from the compiled extension: the same composition over the Triton mixer).
 Everything that lists, checks or picks backends --
 ``pool_mixer``, the modules, ``convert_model``, the MAC counters, the tests and the
 benchmark -- reads the records here, so adding a backend is a record and the backend's own
@@ -249,7 +250,9 @@ def _cpp_operators() -> Dict[str, OperatorPair]:
 
 if EXTENSION_ERROR is None:
     contract.register_fake_kernels("fused_poolformer::pool_mixer_forward", "fused_poolformer::pool_mixer_backward")
-    block_contract.register_fake_kernels("fused_poolformer::block_forward", "fused_poolformer::block_backward")
+    for prefix in ("", "triton_"):
+        block_contract.register_fake_kernels(f"fused_poolformer::{prefix}block_forward",
+                                             f"fused_poolformer::{prefix}block_backward")
 
 
 # Triton: imported on first use (it registers its operators when imported).
@@ -291,7 +294,11 @@ def _triton_unavailable(device: str) -> Optional[str]:
 
 def _triton_operators() -> Dict[str, OperatorPair]:
     module = _import_triton()
-    return {"pool_mixer": (module.forward_op, module.backward_op)}
+    families = {"pool_mixer": (module.forward_op, module.backward_op)}
+    if EXTENSION_ERROR is None:  # the block composition over the Triton mixer lives in the extension
+        namespace = torch.ops.fused_poolformer
+        families["block"] = (namespace.triton_block_forward.default, namespace.triton_block_backward.default)
+    return families
 
 
 def _reference_forward(x, weight, bias, layer_scale, res_scale, sample_scale, num_groups, pool_size, eps):

@@ -260,6 +260,7 @@ _TRANSLATIONS: Tuple[Tuple[str, Callable], ...] = (
     ("pool_mixer_forward", translate_pool_mixer_forward),
     ("triton_pool_mixer_forward", translate_pool_mixer_forward),
     ("block_forward", translate_block_forward),
+    ("triton_block_forward", translate_block_forward),
 )
 
 

@@ -75,10 +75,41 @@ def test_gelu_tanh_and_any_hidden_width_are_fused_whole():
 
 
 def test_a_backend_without_block_operators_keeps_the_mixer_level():
-    fused = convert_model(tiny_metaformer(), backend="triton")
+    from fused_poolformer import backends
+
+    reference_backend = backends.get("reference")
+    backends.register_backend(backends.Backend(
+        name="mixer-only", devices=("cpu",), summary="test", unavailable_reason=lambda device: None,
+        load_operators=lambda: {"pool_mixer": reference_backend.operators("pool_mixer")}, checks_in_python=True,
+        fused=False))
+    try:
+        fused = convert_model(tiny_metaformer(), backend="mixer-only")
+    finally:
+        backends.unregister_backend("mixer-only")
     report = fused.fused_poolformer_report
     assert _levels(fused) == ["mixer"]
-    assert all(reason == "backend 'triton' has no block operators" for _, reason in report.mixer_only)
+    assert all(reason == "backend 'mixer-only' has no block operators" for _, reason in report.mixer_only)
+
+
+def test_the_triton_backend_fuses_whole_blocks():
+    """Triton's block operators: the block composition over the Triton mixer (interpreted here)."""
+    from helpers import unavailable_reason
+
+    reason = unavailable_reason("triton", interpreted_triton=True)
+    if reason:
+        pytest.skip(reason)
+    torch.manual_seed(0)
+    model = tiny_metaformer(depths=(1, 1), dims=(8, 16)).train()
+    randomize_vectors(model)
+    x = torch.randn(2, 3, 32, 32)
+    fused = convert_model(model, backend="triton")
+    assert _levels(fused) == ["block"]
+    y_ref = forward_backward(model, x)
+    with CountFusedOps() as counter:
+        y = forward_backward(fused, x)
+    assert "fused_poolformer.triton_block_forward" in counter.ops
+    assert relative_error(y, y_ref) < 1e-4
+    assert_gradients_match(gradients(model), fused, 1e-4)
 
 
 def test_bad_options_are_named():
