@@ -82,8 +82,8 @@ def _scripted_reference(x: Tensor, weight: Optional[Tensor], bias: Optional[Tens
         weight = torch.ones_like(bias)
     normed = F.group_norm(x, num_groups, None if weight is None else weight.to(dt),
                           None if bias is None else bias.to(dt), eps)
-    # The pool rule of contract.pool_arguments.
-    pooled = F.avg_pool2d(normed, pool_size, 1, pool_size // 2, False, False)
+    # The pool rule of contract.pool_arguments (TorchScript compiles contract.pool_radius).
+    pooled = F.avg_pool2d(normed, pool_size, 1, contract.pool_radius(pool_size), False, False)
     mixed = pooled - normed
     if layer_scale is not None:
         mixed = mixed * layer_scale.to(dt).view(1, -1, 1, 1)

@@ -236,10 +236,12 @@ def test_triton_operator_translates(tmp_path):
 # What the table cannot express: an error naming the block.
 
 
-def test_export_names_the_block_whose_drop_path_is_random():
-    model = converted_timm_model("poolformer_s12", drop_path_rate=0.1).train()
+@pytest.mark.parametrize("fuse, block_class", [("block", "BlockFusedMetaFormerBlock"),
+                                               ("mixer", "FusedMetaFormerBlock")])
+def test_export_names_the_block_whose_drop_path_is_random(fuse, block_class):
+    model = converted_timm_model("poolformer_s12", fuse, drop_path_rate=0.1).train()
     # timm's drop-path rates rise from 0: stages.0.blocks.0 has none, stages.0.blocks.1 the first.
-    with pytest.raises(ValueError, match=re.escape("block 'stages.0.blocks.1' (FusedMetaFormerBlock): draws "
+    with pytest.raises(ValueError, match=re.escape(f"block 'stages.0.blocks.1' ({block_class}): draws "
                                                    "aten::bernoulli")):
         export(model, (torch.randn(2, 3, IMAGE, IMAGE),), verbose=False)
 
