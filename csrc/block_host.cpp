@@ -8,6 +8,7 @@
 // NCHW tensor, a batch of (M, K) x (K, H*W) products and, for a channels_last one, a single
 // (N*H*W, K) x (K, M) product over its rows (channel_product).
 #include "block.h"
+#include "cpu/api.h"
 
 #include <ATen/Context.h>
 #include <ATen/core/stack.h>
@@ -346,6 +347,39 @@ c10::List<bool> bool_list(const std::array<bool, 5>& mask) {
 
 c10::IValue optional_arg(const OptionalTensor& t) { return present(t) ? c10::IValue(*t) : c10::IValue(); }
 
+// The C++ mixer on the CPU with x1's per-sample statistics gathered as x1 is written
+// (csrc/cpu/forward.cpp), so that Norm2 reads x1 once; nullopt elsewhere (Norm2 then
+// computes them: ATen's group-norm kernel).
+struct MixerWithStatistics {
+  at::Tensor x1, mean1, rstd1, mean2, rstd2;
+};
+
+std::optional<MixerWithStatistics> mixer_forward_with_statistics(const at::Tensor& x,
+                                                                 const BlockArgs& a,
+                                                                 BlockFamily family) {
+  if (family != BlockFamily::kCpp || !x.is_cpu()) return std::nullopt;
+  OutputStatistics statistics{at::Tensor(), at::Tensor(), a.eps2};
+  auto [x1, mean1, rstd1] =
+      run_forward(x, a.norm1_weight, a.norm1_bias, a.layer_scale1, a.res_scale1, a.sample_scale1,
+                  a.num_groups1, a.pool_size, a.eps1, at::kCPU, &cpu::launch_forward,
+                  /*workspace=*/nullptr, &statistics);
+  const auto N = x.size(0);
+  return MixerWithStatistics{x1, mean1, rstd1, statistics.mean.view({N, 1}),
+                             statistics.rstd.view({N, 1})};
+}
+
+// Norm2 from given statistics: u = x1 * s + t, s = rstd * gamma2, t = beta2 - mean * s, one
+// pass (the form ATen's CPU group-norm kernel evaluates).
+at::Tensor normalized_with(const at::Tensor& x1, const at::Tensor& mean2, const at::Tensor& rstd2,
+                           const BlockArgs& a, const Prepared& p) {
+  const auto N = x1.size(0), C = x1.size(1);
+  at::Tensor scale = rstd2.expand({N, C});
+  if (present(a.norm2_weight)) scale = scale * a.norm2_weight->to(p.acc);
+  at::Tensor shift = -mean2 * scale;
+  if (present(a.norm2_bias)) shift = shift + a.norm2_bias->to(p.acc);
+  return at::addcmul(shift.view({N, C, 1, 1}), x1, scale.contiguous().view({N, C, 1, 1})).to(p.gemm);
+}
+
 ForwardResult mixer_forward(const at::Tensor& x, const BlockArgs& a, BlockFamily family) {
   if (family == BlockFamily::kCpp) {
     return forward_handle().call(x, a.norm1_weight, a.norm1_bias, a.layer_scale1, a.res_scale1,
@@ -487,9 +521,19 @@ BlockForwardResult run_block_forward(const at::Tensor& x_in, const BlockArgs& a,
   const c10::DeviceGuard device_guard(x_in.device());
   const auto format = x_in.suggest_memory_format();
   const at::Tensor x = x_in.contiguous(format);
-  auto [x1, mean1, rstd1] = mixer_forward(x, a, family);
+  at::Tensor x1, mean1, rstd1, u, mean2, rstd2;
+  if (auto mixed = mixer_forward_with_statistics(x, a, family)) {
+    x1 = mixed->x1, mean1 = mixed->mean1, rstd1 = mixed->rstd1;
+    mean2 = mixed->mean2, rstd2 = mixed->rstd2;
+  } else {
+    std::tie(x1, mean1, rstd1) = mixer_forward(x, a, family);
+  }
   const Prepared p = prepare(x1, a);
-  auto [u, mean2, rstd2] = norm2(x1, a, p);
+  if (mean2.defined()) {
+    u = normalized_with(x1, mean2, rstd2, a, p);
+  } else {
+    std::tie(u, mean2, rstd2) = norm2(x1, a, p);
+  }
   // Without the backward's need for h, the activation rides in fc1 (oneDNN post-op).
   const bool fused_fc1 = !save_hidden && a.activation != Activation::kStarRelu && onednn_serves(u, p.gemm);
   const at::Tensor hidden = fused_fc1 ? at::Tensor() : conv1x1(u, p.w1, p.b1);

@@ -244,7 +244,7 @@ ForwardResult run_forward(const at::Tensor& x_in, const OptionalTensor& weight,
                           const OptionalTensor& res_scale, const OptionalTensor& sample_scale,
                           int64_t num_groups, int64_t pool_size, double eps,
                           at::DeviceType device_type, ForwardLauncher launch,
-                          WorkspaceQuery workspace) {
+                          WorkspaceQuery workspace, OutputStatistics* output_statistics) {
   check_forward_args(x_in, weight, bias, layer_scale, res_scale, sample_scale, num_groups,
                      pool_size, eps);
   check_device_type(x_in, device_type);
@@ -257,17 +257,30 @@ ForwardResult run_forward(const at::Tensor& x_in, const OptionalTensor& weight,
   const auto stat_options = x.options().dtype(accumulate_type(x.scalar_type()));
   at::Tensor mean = at::empty({x.size(0), num_groups}, stat_options);
   at::Tensor rstd = at::empty({x.size(0), num_groups}, stat_options);
+  if (output_statistics != nullptr) {
+    output_statistics->mean = at::empty({x.size(0)}, stat_options);
+    output_statistics->rstd = at::empty({x.size(0)}, stat_options);
+  }
   if (x.numel() == 0) {
     // Groups without elements (C == 0 or H * W == 0): mean 0 and rstd = 1 / sqrt(eps).
     if (mean.numel() > 0) {
       mean.zero_();
       rstd.fill_(1.0 / std::sqrt(eps));
     }
+    if (output_statistics != nullptr && x.size(0) > 0) {
+      output_statistics->mean.zero_();
+      output_statistics->rstd.fill_(1.0 / std::sqrt(output_statistics->eps));
+    }
     return {y, mean, rstd};
   }
-  const ForwardProblem problem{shape,
-                               mixer_params(weight, layer_scale, res_scale, sample_scale),
-                               x, y, mean, rstd, eps, workspace_ptr, workspace_bytes};
+  ForwardProblem problem{shape,
+                         mixer_params(weight, layer_scale, res_scale, sample_scale),
+                         x, y, mean, rstd, eps, workspace_ptr, workspace_bytes};
+  if (output_statistics != nullptr) {
+    problem.y_mean = &output_statistics->mean;
+    problem.y_rstd = &output_statistics->rstd;
+    problem.y_eps = output_statistics->eps;
+  }
   launch(problem);
   return {y, mean, rstd};
 }

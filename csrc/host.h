@@ -38,6 +38,18 @@ struct ForwardProblem {
   // bytes after y's elements, in y's allocation.
   void* workspace = nullptr;
   size_t workspace_bytes = 0;
+  // Where set: y's own per-sample statistics over C*H*W, (N,) in accumulate_type(x), with
+  // this eps in the rstd -- what a GroupNorm(1) of y (the block's Norm2) needs, gathered as
+  // y is written (the CPU launcher; csrc/cpu/forward.cpp).
+  at::Tensor* y_mean = nullptr;
+  at::Tensor* y_rstd = nullptr;
+  double y_eps = 0.0;
+};
+
+// Per-sample statistics of the output, asked of run_forward (ForwardProblem::y_mean).
+struct OutputStatistics {
+  at::Tensor mean, rstd;  // (N,), accumulate_type(x)
+  double eps;
 };
 
 // What a backward launcher gets.  grad_y and x are dense in the same layout, grad_x (when
@@ -87,7 +99,8 @@ ForwardResult run_forward(const at::Tensor& x, const OptionalTensor& weight,
                           const OptionalTensor& res_scale, const OptionalTensor& sample_scale,
                           int64_t num_groups, int64_t pool_size, double eps,
                           at::DeviceType device_type, ForwardLauncher launch,
-                          WorkspaceQuery workspace = nullptr);
+                          WorkspaceQuery workspace = nullptr,
+                          OutputStatistics* output_statistics = nullptr);
 
 BackwardResult run_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mean,
                             const at::Tensor& rstd, const OptionalTensor& weight,

@@ -320,3 +320,31 @@ def test_inference_fuses_the_activation_and_the_residual_into_the_gemms(dtype, a
     assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     saved_path = fused_poolformer.poolformer_block(x, **args, save_hidden=True, backend="cpu")
     torch.testing.assert_close(out, saved_path, rtol=0, atol=4 * err + 1e-6)
+
+
+# ---------------------------------------------------------------------------------------
+# Norm2's statistics come from the mixer's apply pass on the CPU (x1 is not read again).
+
+
+@pytest.mark.skipif(not backends.get("cpu").serves("cpu"), reason="the C++ CPU kernels were not built")
+@pytest.mark.parametrize("shape, channels_last", [((2, 16, 8, 8), False), ((2, 8, 72, 72), False),
+                                                  ((3, 24, 9, 11), True), ((1, 64, 56, 56), True)])
+@pytest.mark.parametrize("offset", [0.0, 1e3])
+def test_norm2_statistics_from_the_mixer_are_as_precise_as_group_norm(shape, channels_last, offset):
+    n, c, h, w = shape
+    args = block_arguments(n=n, c=c, hidden=8, dtype=torch.float32, requires_grad=False)
+    x = random_x(n=n, c=c, h=h, w=w, dtype=torch.float32, channels_last=channels_last, offset=offset).detach()
+    forward = backends.get("cpu").operators("block")[0]
+    _, _, mean1, _, mean2, rstd2 = forward(*_op_args(x, args))
+    x1 = reference.pool_mixer(x, args["norm1_weight"], args["norm1_bias"], layer_scale=args["layer_scale1"],
+                              res_scale=args["res_scale1"], sample_scale=args["sample_scale1"])
+    exact = x1.double().reshape(n, -1)
+    exact_mean, exact_rstd = exact.mean(1, keepdim=True), (exact.var(1, unbiased=False, keepdim=True) + 1e-5).rsqrt()
+    _, aten_mean, aten_rstd = torch.ops.aten.native_group_norm(x1, None, None, n, c, h * w, 1, 1e-5)
+    # Errors in units of what they change: the mean's in standard deviations, rstd's relative.
+    for ours, aten, want, unit in ((mean2, aten_mean, exact_mean, exact_rstd), (rstd2, aten_rstd, exact_rstd,
+                                                                               1 / exact_rstd)):
+        assert ours.dtype == torch.float32 and ours.shape == (n, 1)
+        ours_err = ((ours.double() - want).abs() * unit).max().item()
+        aten_err = ((aten.double().view(n, 1) - want).abs() * unit).max().item()
+        assert ours_err <= 2 * aten_err + 1e-6, (ours_err, aten_err)

@@ -1,5 +1,6 @@
 // CPU forward of the fused pool mixer: GroupNorm statistics (fixed blocks, merged in a
-// fixed order), then one pass that writes y = res * x + a * rstd * (P x - x).  Helpers
+// fixed order), then one pass that writes y = res * x + a * rstd * (P x - x) -- and, when
+// asked (ForwardProblem::y_mean, the whole block's Norm2), y's own per-sample statistics.  Helpers
 // and the traversals are described in traversal.h; registration in operators.cpp.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -167,7 +168,55 @@ inline Vectorized<acc_t> mixer_output(Vectorized<acc_t> res, Vectorized<acc_t> c
   return res * x + coef * (pooled - xc);
 }
 
-template <typename scalar_t, typename acc_t>
+// y's own statistics, for a consumer that normalizes y next (the block's Norm2), gathered
+// as y is written: per work item the count and the sums of d = y - shift_n and of d^2, where
+// shift_n (sum over c of res_c * mean_nc, over C) is y's mean but for the small mixer term, so
+// the sums stay small where |mean| >> std.  Merged per sample in item order (deterministic).
+template <typename acc_t>
+struct OutputSums {
+  acc_t* shift = nullptr;  // (N,)
+  acc_t* count = nullptr;  // (items,)
+  acc_t* sum = nullptr;    // (items,)
+  acc_t* sq = nullptr;     // (items,)
+
+  template <typename WS>
+  void take(WS& ws, int64_t N, int64_t items) {
+    shift = ws.template take<acc_t>(N);
+    count = ws.template take<acc_t>(items);
+    sum = ws.template take<acc_t>(items);
+    sq = ws.template take<acc_t>(items);
+  }
+};
+
+// One work item's running sums (in registers), written out at the item's end.
+template <typename acc_t, bool kEnabled>
+struct ItemSums {
+  using Vec = Vectorized<acc_t>;
+  Vec sum = Vec(acc_t(0)), sq = Vec(acc_t(0)), shift;
+  int64_t count = 0;
+
+  explicit ItemSums(acc_t shift_value) : shift(shift_value) {}
+
+  FPM_INLINE void add(Vec y, int64_t lanes) {
+    if constexpr (kEnabled) {
+      Vec d = y - shift;
+      if (lanes < kLanes<acc_t>) d = Vec::set(Vec(acc_t(0)), d, lanes);
+      sum = sum + d;
+      sq = at::vec::fmadd(d, d, sq);
+      count += lanes;
+    }
+  }
+
+  void write(const OutputSums<acc_t>& out, int64_t item) const {
+    if constexpr (kEnabled) {
+      out.count[item] = static_cast<acc_t>(count);
+      out.sum[item] = at::vec::vec_reduce_all<acc_t>([](Vec a, Vec b) { return a + b; }, sum);
+      out.sq[item] = at::vec::vec_reduce_all<acc_t>([](Vec a, Vec b) { return a + b; }, sq);
+    }
+  }
+};
+
+template <typename scalar_t, typename acc_t, bool kSums>
 struct ApplyPass {
   using Vec = Vectorized<acc_t>;
   static constexpr int64_t V = kLanes<acc_t>;
@@ -176,6 +225,9 @@ struct ApplyPass {
   scalar_t* y;
   const Factors<acc_t>& f;
   bool streaming;
+  OutputSums<acc_t> sums;
+
+  acc_t shift(int64_t n) const { return kSums ? sums.shift[n] : acc_t(0); }
 
   template <int R>
   void strip(int64_t item, Vec* col) const {
@@ -188,6 +240,7 @@ struct ApplyPass {
       constexpr int NV = decltype(nv_const)::value;
       const scalar_t* xp = x + st.offset;
       scalar_t* yp = y + st.offset;
+      ItemSums<acc_t, kSums> item_sums(shift(st.n));
       Vec mean[NV], coef[NV], res[NV];
       unrolled<NV>([&](auto k) FPM_LAMBDA_INLINE {
         mean[k] = load<acc_t>(f.mean + st.n * C + st.c0 + k * V, lanes(k));
@@ -207,11 +260,13 @@ struct ApplyPass {
         unrolled<NV>([&](auto k) FPM_LAMBDA_INLINE {
           const int64_t o = (h * W + w) * C + k * V;
           const Vec xv = load<acc_t>(xp + o, lanes(k));
-          store_output(yp + o, mixer_output(res[k], coef[k], xv, xv - mean[k], box[k] * inv),
-                       lanes(k), stream);
+          const Vec out = mixer_output(res[k], coef[k], xv, xv - mean[k], box[k] * inv);
+          store_output(yp + o, out, lanes(k), stream);
+          item_sums.add(out, lanes(k));
         });
       };
       strip_box_sums<R, NV>(g, st.h_begin, st.h_end, col, source, column, emit);
+      item_sums.write(sums, item);
     });
   }
 
@@ -222,16 +277,18 @@ struct ApplyPass {
     const scalar_t* xp = x + plane * HW;
     scalar_t* yp = y + plane * HW;
     const Vec mean(f.mean[plane]), coef(f.coef[plane]), res(f.res[plane % g.C]);
+    ItemSums<acc_t, kSums> item_sums(shift(plane / g.C));
     auto source = [&](int64_t i, int64_t n) FPM_LAMBDA_INLINE {
       return first_lanes(load<acc_t>(xp + i, n) - mean, n);
     };
     auto emit = [&](int64_t i, int64_t n, Vec box) FPM_LAMBDA_INLINE {
       const Vec pooled = box * Vec::loadu(g.inv_cnt + i);
-      store_output(yp + i,
-                   mixer_output(res, coef, load<acc_t>(xp + i, n), Vec::loadu(s.xs + i), pooled),
-                   n, stream);
+      const Vec out = mixer_output(res, coef, load<acc_t>(xp + i, n), Vec::loadu(s.xs + i), pooled);
+      store_output(yp + i, out, n, stream);
+      item_sums.add(out, n);
     };
     plane_box_sums<R>(g, s, source, emit);
+    item_sums.write(sums, plane);
   }
 
   template <int R>
@@ -244,6 +301,7 @@ struct ApplyPass {
     const scalar_t* xp = x + r.plane * HW;
     scalar_t* yp = y + r.plane * HW;
     const Vec mean(f.mean[r.plane]), coef(f.coef[r.plane]), res(f.res[r.plane % g.C]);
+    ItemSums<acc_t, kSums> item_sums(shift(r.plane / g.C));
     auto source = [&](int64_t hh) FPM_LAMBDA_INLINE {
       return [&, p = xp + hh * W](int64_t w, int64_t n) FPM_LAMBDA_INLINE {
         return load<acc_t>(p + w, n) - mean;
@@ -256,18 +314,44 @@ struct ApplyPass {
         const int64_t n = std::min(V, W - w);
         const Vec xv = load<acc_t>(xp + h * W + w, n);
         const Vec pooled = box(w) * row_scale * load<acc_t>(inv_w + w, n);
-        store_output(yp + h * W + w, mixer_output(res, coef, xv, xv - mean, pooled), n,
-                     stream);
+        const Vec out = mixer_output(res, coef, xv, xv - mean, pooled);
+        store_output(yp + h * W + w, out, n, stream);
+        item_sums.add(out, n);
       }
     };
     row_box_sums<R>(g, r.h_begin, r.h_end, col, source, column, emit);
+    item_sums.write(sums, item);
   }
 };
 
 // ---------------------------------------------------------------------------------------
 // The launcher.
 
-template <typename scalar_t, typename Stats>
+// y's per-sample (mean, rstd) from the item sums of sample n, merged in item order.
+template <typename acc_t>
+void finish_output_sums(const OutputSums<acc_t>& sums, int64_t n, int64_t items_per_sample,
+                        acc_t eps, acc_t* mean, acc_t* rstd) {
+  WelfordData<acc_t> merged{0, 0, 0};
+  for (int64_t i = n * items_per_sample; i < (n + 1) * items_per_sample; ++i) {
+    const acc_t count = sums.count[i];
+    if (count == acc_t(0)) continue;
+    const acc_t d = sums.sum[i] / count;
+    const WelfordData<acc_t> item{count, sums.shift[n] + d, std::max(acc_t(0), sums.sq[i] - sums.sum[i] * d)};
+    merged = welford_merge(merged, item);
+  }
+  mean[n] = merged.mean;
+  rstd[n] = welford_rstd(merged, eps);
+}
+
+// shift_n = sum over c of res_c * mean_nc / C: y's mean but for the mixer term.
+template <typename acc_t>
+acc_t output_shift(const Factors<acc_t>& f, const MixerShape& s, int64_t n) {
+  acc_t total = 0;
+  for (int64_t c = 0; c < s.C; ++c) total += f.res[c] * f.mean[n * s.C + c];
+  return s.C > 0 ? total / static_cast<acc_t>(s.C) : acc_t(0);
+}
+
+template <typename scalar_t, bool kSums, typename Stats>
 void forward_with(const ForwardProblem& p, const Stats& stats) {
   using acc_t = at::opmath_type<scalar_t>;
   const MixerShape& s = p.shape;
@@ -282,16 +366,21 @@ void forward_with(const ForwardProblem& p, const Stats& stats) {
   Factors<acc_t> f;
   WelfordData<acc_t>* partial = nullptr;
   WelfordData<acc_t>* merged = nullptr;
+  OutputSums<acc_t> sums;
   ws.fit([&](Workspace& a) {
     take_tables(g, a);
     f.take(a, s);
     partial = a.take<WelfordData<acc_t>>(stats_tasks * s.G);
     merged = a.take<WelfordData<acc_t>>(s.G);
+    if (kSums) sums.take(a, s.N, g.items());
   });
   fill_channel_factors<scalar_t>(f, s, p.params);
 
   const int64_t run = s.channels_last ? s.C : (g.traversal == Traversal::kPlanes ? s.H * s.W : s.W);
-  const ApplyPass<scalar_t, acc_t> apply{g, x, y, f, can_stream<scalar_t, acc_t>(y, run)};
+  const ApplyPass<scalar_t, acc_t, kSums> apply{g, x, y, f, can_stream<scalar_t, acc_t>(y, run), sums};
+  acc_t* y_mean = kSums ? p.y_mean->template mutable_data_ptr<acc_t>() : nullptr;
+  acc_t* y_rstd = kSums ? p.y_rstd->template mutable_data_ptr<acc_t>() : nullptr;
+  const acc_t y_eps = static_cast<acc_t>(p.y_eps);
   // Statistics of sample n from its partials, then its factors.
   auto finish_sample = [&](int64_t n, WelfordData<acc_t>* out) {
     stats.merge(n, partial, out);
@@ -300,6 +389,7 @@ void forward_with(const ForwardProblem& p, const Stats& stats) {
       rstd[n * s.G + i] = welford_rstd(out[i], static_cast<acc_t>(p.eps));
     }
     fill_sample_factors(f, s, n, p.params.sample_factor<scalar_t, acc_t>(n), mean, rstd);
+    if (kSums) sums.shift[n] = output_shift(f, s, n);
   };
 
   if (g.fused) {
@@ -320,6 +410,7 @@ void forward_with(const ForwardProblem& p, const Stats& stats) {
         }
         finish_sample(n, out);
         run_items(apply, g, n * g.items_per_sample, (n + 1) * g.items_per_sample, buffers);
+        if (kSums) finish_output_sums(sums, n, g.items_per_sample, y_eps, y_mean, y_rstd);
       }
       output_fence();
     });
@@ -333,14 +424,17 @@ void forward_with(const ForwardProblem& p, const Stats& stats) {
   });
   for (int64_t n = 0; n < s.N; ++n) finish_sample(n, merged);
   run_tasks(g, apply);
+  if (kSums) {
+    for (int64_t n = 0; n < s.N; ++n) finish_output_sums(sums, n, g.items_per_sample, y_eps, y_mean, y_rstd);
+  }
 }
 
-template <typename scalar_t>
+template <typename scalar_t, bool kSums>
 void forward_kernel(const ForwardProblem& p) {
   if (p.shape.channels_last) {
-    forward_with<scalar_t>(p, ChannelsLastStats(p.shape));
+    forward_with<scalar_t, kSums>(p, ChannelsLastStats(p.shape));
   } else {
-    forward_with<scalar_t>(p, ContiguousStats(p.shape));
+    forward_with<scalar_t, kSums>(p, ContiguousStats(p.shape));
   }
 }
 
@@ -348,7 +442,13 @@ void forward_kernel(const ForwardProblem& p) {
 
 void launch_forward(const ForwardProblem& p) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(),
-                                  "pool_mixer_forward_cpu", [&] { forward_kernel<scalar_t>(p); });
+                                  "pool_mixer_forward_cpu", [&] {
+                                    if (p.y_mean != nullptr) {
+                                      forward_kernel<scalar_t, true>(p);
+                                    } else {
+                                      forward_kernel<scalar_t, false>(p);
+                                    }
+                                  });
 }
 
 }  // namespace cpu
