@@ -35,7 +35,9 @@ TRITON_INTERPRETED_REASON = (
 def device_of(backend):
     """The device whose tensors ``backend`` serves in these tests: the first of its devices
     that runs compiled code here (CUDA only with a GPU), else one it serves interpreted (Triton
-    on the CPU), else its first."""
+    on the CPU), else its first; for "auto", the CPU."""
+    if backend == "auto":
+        return "cpu"
     record = backends.get(backend)
     compiled = [d for d in record.devices
                 if d not in record.interpreted_devices and (d != "cuda" or HAS_CUDA_DEVICE)]

@@ -148,8 +148,9 @@ def test_recompute_mlp_gives_the_same_gradients_and_saves_less():
     recomputing = convert_model(model, recompute="mlp")
     y = forward_backward(saving, x)
     y_recomputed = forward_backward(recomputing, x)
-    assert torch.equal(y, y_recomputed)
-    assert_gradients_match(gradients(saving), recomputing, 1e-6)
+    # (Without fc1's output to keep, GELU rides in fc1 as a oneDNN post-op: rounding differs.)
+    assert relative_error(y_recomputed, y) < 1e-6
+    assert_gradients_match(gradients(saving), recomputing, 1e-5)
     assert _saved_bytes(recomputing, x) < _saved_bytes(saving, x)
 
 

@@ -63,6 +63,17 @@ def timm_model():
 FUSED_ENTRIES = (fused_poolformer.pool_mixer, fused_poolformer.poolformer_block)
 
 
+def assert_same_computation(got, want, fuse):
+    """Bit for bit at the mixer level.  At the block level a traced graph keeps what the block
+    decided while tracing (gradients on: fc1's output kept, GELU applied separately), while an
+    eager call without gradients lets oneDNN apply GELU inside fc1: the same math, rounded
+    in another order."""
+    if fuse == "mixer":
+        assert torch.equal(got, want)
+    else:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def fused_calls(graph_module: torch.fx.GraphModule):
     """The fx nodes calling a fused entry point (the mixer's or, at the block level, the block's)."""
     return [n for n in graph_module.graph.nodes if n.op == "call_function" and n.target in FUSED_ENTRIES]
@@ -88,7 +99,7 @@ def test_fx_symbolic_trace_matches_the_original(timm_model, name, fuse):
     assert norm_weight_argument(calls[0]).op == "get_attr"  # the norm weight
     with torch.no_grad():
         out = traced(x)
-        assert torch.equal(out, fused(x))
+        assert_same_computation(out, fused(x), fuse)
     assert relative_error(out, expected) < REL_TOL
 
 
@@ -150,7 +161,7 @@ def test_fx_official_repositories(fuse):
         with torch.no_grad():
             want = torch.fx.symbolic_trace(model)(x)
             got = traced(x)
-            assert torch.equal(got, fused(x))
+            assert_same_computation(got, fused(x), fuse)
         assert relative_error(got, want) < REL_TOL, type(model).__name__
 
 
