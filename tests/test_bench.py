@@ -1,8 +1,10 @@
 """The benchmark harness: a quick CPU run end to end writes every documented field; the
-host-overhead table; the cost model against hand-derived numbers; the timers; refusing
-to time a wrong implementation; the model rows' alternating timing; the GPU notes; and
-the dry run of benchmarks/gpu_check.sh."""
+host-overhead table; the cost model against hand-derived numbers; the timers; a wrong or
+raising implementation becomes a row that says so; the fused implementations come from the
+backend registry; the model rows (forms, alternating timing, saved-activation bytes,
+ratios, unavailable forms); the GPU notes.  benchmarks/gpu_check.sh: tests/test_gpu_check.py."""
 
+import inspect
 import json
 import os
 import subprocess
@@ -21,10 +23,14 @@ TINY = ["--device", "cpu", "--quick", "--stages", "none", "--shape", "2,8,6,6", 
         "--no-progress", "--threads", "1"]
 OP_FIELDS = {"shape", "dtype", "layout", "pass", "impl", "median_ms", "q25_ms", "q75_ms", "graph_ms", "graph_note",
              "kernel_ms", "kernel_launches", "kernel_method", "floor_ms", "frac_floor", "frac_floor_graph",
-             "bytes", "flops", "speedup_vs_eager", "speedup_vs_compile", "device_speedup_vs_compile", "checked"}
+             "bytes", "flops", "speedup_vs_eager", "speedup_vs_compile", "device_speedup_vs_compile", "checked",
+             "status", "error"}
 HOST_FIELDS = {"impl", "pass", "shape", "median_us", "q25_us", "q75_us", "vs_group_norm", "operator_calls",
                "top_level_calls", "operator_calls_by_name"}
-MODEL_FIELDS = {"model", "impl", "params_m", "macs_g", "infer_ms", "train_step_ms", "peak_mem_mb", "macs_counter"}
+MODEL_FIELDS = {"model", "impl", "form", "params_m", "macs_g", "infer_ms", "train_step_ms", "peak_mem_mb", "macs_counter",
+                "saved_bytes", "status", "train_step_speedup_vs_original", "train_step_speedup_vs_original_compile",
+                "saved_vs_original", "saved_vs_original_compile"}
+BLOCK_FORM = "fuse" in inspect.signature(fused_poolformer.convert_model).parameters
 
 requires_cpu_kernels = pytest.mark.skipif(not fused_poolformer.HAS_CPU_KERNELS, reason="CPU extension not built")
 
@@ -88,13 +94,17 @@ def test_host_overhead_table(quick_run):
 def test_model_rows_reproduce_the_paper(quick_run):
     results, _, _ = quick_run
     rows = {r["impl"]: r for r in results["models"]}
-    assert set(rows) == {"original", "converted"}  # --no-compile; s12 is not in --latency-models
+    assert set(rows) == {"original", "mixer", "block"}  # --no-compile; s12 is not in --latency-models
     for r in rows.values():
         assert MODEL_FIELDS <= set(r), MODEL_FIELDS - set(r)
-        assert r["model"] == "poolformer_s12"
-        assert abs(r["macs_g"] - 1.8) / 1.8 < 0.02 and abs(r["params_m"] - 11.9) < 0.1
-        assert r["infer_ms"] is None
-    assert rows["converted"]["macs_g"] == rows["original"]["macs_g"]
+        assert r["model"] == "poolformer_s12" and r["infer_ms"] is None
+    for impl in ("original", "mixer") + (("block",) if BLOCK_FORM else ()):
+        r = rows[impl]
+        assert r["status"] == "ok" and abs(r["macs_g"] - 1.8) / 1.8 < 0.02 and abs(r["params_m"] - 11.9) < 0.1
+        assert r["macs_g"] == rows["original"]["macs_g"]
+    assert rows["mixer"]["blocks_converted"] == 12
+    if not BLOCK_FORM:  # the installed convert_model has no fuse=: the row says so
+        assert rows["block"]["status"] == "unavailable" and "fuse" in rows["block"]["error"]
 
 
 @requires_cpu_kernels
@@ -124,15 +134,66 @@ def test_compile_rows_and_speedups(tmp_path):
 
 @requires_cpu_kernels
 @pytest.mark.parametrize("pass_", ["fwd", "fwd+bwd"])
-def test_wrong_output_is_refused(monkeypatch, pass_):
+def test_wrong_output_is_a_mismatch_row(monkeypatch, tmp_path, pass_):
+    """A fused implementation that misses the reference is still timed, its row says
+    "mismatch" with the error, the other rows are measured, and the exit status is 1."""
     right = op_level.Implementations.function
 
     def wrong_fused(self, impl):
         fn = right(self, impl)
         return (lambda *a, **k: fn(*a, **k) * 1.001) if impl == "fused-cpu" else fn
     monkeypatch.setattr(op_level.Implementations, "function", wrong_fused)
-    with pytest.raises(bench.ReferenceMismatch, match="fused-cpu: output"):
-        bench.main(TINY + ["--no-compile", "--passes", pass_, "--parts", "ops"])
+    path = str(tmp_path / "ops.json")
+    assert bench.main(TINY + ["--no-compile", "--passes", pass_, "--parts", "ops", "--json", path]) == 1
+    with open(path) as f:
+        rows = {r["impl"]: r for r in json.load(f)["ops"]}
+    assert rows["fused-cpu"]["status"] == "mismatch" and rows["fused-cpu"]["checked"] is False
+    assert "fused-cpu: output" in rows["fused-cpu"]["error"] and rows["fused-cpu"]["median_ms"] > 0
+    assert rows["eager"]["status"] == "ok" and rows["eager"]["checked"]
+
+
+@requires_cpu_kernels
+def test_raising_implementation_is_an_error_row(monkeypatch, tmp_path):
+    right = op_level.Implementations.function
+
+    def raising(self, impl):
+        if impl != "fused-cpu":
+            return right(self, impl)
+
+        def fn(*args, **kwargs):
+            raise RuntimeError("kernel exploded")
+        return fn
+    monkeypatch.setattr(op_level.Implementations, "function", raising)
+    path = str(tmp_path / "ops.json")
+    assert bench.main(TINY + ["--no-compile", "--passes", "fwd", "--parts", "ops", "--json", path]) == 1
+    with open(path) as f:
+        rows = json.load(f)["ops"]
+    assert [(r["impl"], r["status"]) for r in rows] == [("eager", "ok"), ("fused-cpu", "error")]
+    assert rows[1]["error"] == "RuntimeError: kernel exploded" and rows[1]["median_ms"] is None
+
+
+def test_fused_implementations_come_from_the_backend_registry():
+    """A backend registered in fused_poolformer.backends is benchmarked as fused-<name>, with
+    no change in the benchmark."""
+    from fused_poolformer import backends
+
+    assert set(op_level.fused_impls()) == {f"fused-{b.name}" for b in backends.all_backends() if b.fused}
+    assert "fused-reference" not in op_level.known_impls()  # the unfused graph is the eager baseline
+    reference = backends.get("reference")
+    backends.register_backend(backends.Backend(
+        name="testdevice", devices=("cpu",), summary="test", unavailable_reason=lambda device: None,
+        load_operators=reference.load_operators, checks_in_python=True))
+    try:
+        assert "fused-testdevice" in op_level.known_impls()
+        assert "fused-testdevice" in op_level.default_fused_impls("cpu")
+        assert op_level.fused_impls()["fused-testdevice"] == "testdevice"
+        cfg = bench.make_config(bench.build_parser().parse_args(["--device", "cpu", "--impls", "eager,fused-testdevice"]))
+        assert cfg.impls == ["eager", "fused-testdevice"]
+    finally:
+        backends.unregister_backend("testdevice")
+    assert "fused-testdevice" not in op_level.known_impls()
+    if fused_poolformer.backends.triton_available():  # interpreted on the CPU: not timed by default
+        assert "fused-triton" not in op_level.default_fused_impls("cpu")
 
 
 def test_gradient_is_checked():
@@ -198,15 +259,17 @@ def test_bad_pass_and_form_are_named():
 
 def test_floor_and_prediction_at_the_h200_bandwidth():
     # 64x64x56x56 fp32: E = 12,845,056; forward 3*E*4 = 154,140,672 bytes; at 4142.5 GB/s
-    # that is 37.21 us; the vectorized target is 37.21 / 0.8 + 3 launches x 2 us = 52.51 us.
+    # that is 37.21 us; the vectorized target is 37.21 / 0.8 + 2 launches x 2 us = 50.51 us
+    # (the CUDA forward makes 2 launches: statistics, then the output).
     shape, bandwidth = (64, 64, 56, 56), 4142.5
+    assert costs.VECTORIZED_CUDA.launches == {"fwd": 2, "bwd": 3}
     assert costs.fused_bytes(shape, 4, "fwd") == 154_140_672
     assert costs.floor_ms(154_140_672, bandwidth) == pytest.approx(0.0372098, rel=1e-5)
-    assert costs.predicted_ms(shape, 4, "fwd", bandwidth) == pytest.approx(0.0372098 / 0.8 + 0.006, rel=1e-5)
+    assert costs.predicted_ms(shape, 4, "fwd", bandwidth) == pytest.approx(0.0372098 / 0.8 + 0.004, rel=1e-5)
     # Backward: 5*E*4 bytes at 70 % plus 3 launches.
     backward = 5 * 12_845_056 * 4 / 4142.5e9 * 1e3 / 0.7 + 0.006
     both = costs.predicted_ms(shape, 4, "fwd+bwd", bandwidth)
-    assert both == pytest.approx(0.0372098 / 0.8 + 0.006 + backward, rel=1e-5)
+    assert both == pytest.approx(0.0372098 / 0.8 + 0.004 + backward, rel=1e-5)
 
 
 # ---------------------------------------------------------------------------------------
@@ -247,14 +310,44 @@ def _tiny_config(*extra):
 def test_model_bench_times_a_group_alternating():
     cfg = _tiny_config()
     model = nn.Sequential(nn.Conv2d(3, 4, 4, stride=4), nn.GroupNorm(1, 4), nn.Flatten(), nn.Linear(64, 1000))
-    variants = {"original": model, "converted": nn.Sequential(*[m for m in model])}  # the same weights
+    variants = {"original": model, "mixer": nn.Sequential(*[m for m in model])}  # the same weights
     timings = model_level.ModelBench(cfg, variants, [], "contiguous").run()
     for impl, timing_ in timings.items():
         assert timing_["infer_ms"] > 0 and timing_["train_step_ms"] > 0 and timing_["first_calls_s"] > 0
         assert timing_["images_per_s"] == pytest.approx(cfg.model_batch / (timing_["infer_ms"] * 1e-3))
         assert timing_["peak_mem_mb"] is None or timing_["peak_mem_mb"] >= 0
         assert timing_["mixer_fwd_ms"] is None  # no converted blocks
-    assert timings["converted"]["max_rel_output_diff"] == 0 and timings["converted"]["output_matches"]
+        # The parameters are saved for the backward (conv and linear weights) with the input.
+        params = sum(p.numel() * 4 for p in model.parameters() if p.dim() > 1)
+        assert timing_["saved_bytes"] >= params + 2 * 3 * 16 * 16 * 4 and timing_["saved_storages"] >= 3
+    assert timings["mixer"]["max_rel_output_diff"] == 0 and timings["mixer"]["output_matches"]
+    assert timings["mixer"]["saved_bytes"] == timings["original"]["saved_bytes"]
+
+
+def test_saved_activation_bytes_count_each_storage_once():
+    weight = nn.Parameter(torch.randn(256, 256))
+    x = torch.randn(2, 256, requires_grad=True)  # so that the products save the weight (for x's gradient)
+    labels = torch.tensor([1, 2])
+    once = lambda t: t @ weight  # noqa: E731
+    twice = lambda t: (t @ weight) @ weight  # the same weight saved by both products
+    amp = model_level._autocast("cpu", torch.float32)
+    saved_once, _ = model_level.saved_activation_bytes(once, x, labels, amp)
+    saved_twice, _ = model_level.saved_activation_bytes(twice, x, labels, amp)
+    assert saved_once >= weight.numel() * 4 + x.numel() * 4
+    # One more saved activation (2x256 floats), not a second copy of the 256 KiB weight.
+    assert saved_twice - saved_once < weight.numel() * 4 // 2
+
+
+def test_a_variant_that_raises_is_an_error_row():
+    cfg = _tiny_config()
+    good = nn.Sequential(nn.Conv2d(3, 4, 4, stride=4), nn.Flatten(), nn.Linear(64, 1000))
+
+    class Broken(nn.Module):
+        def forward(self, x):
+            raise RuntimeError("no kernel for this")
+    bench_ = model_level.ModelBench(cfg, {"original": good, "mixer": Broken()}, [], "contiguous")
+    timings = bench_.run()
+    assert set(timings) == {"original"} and bench_.failed == {"mixer": "RuntimeError: no kernel for this"}
 
 
 @requires_cpu_kernels
@@ -263,19 +356,49 @@ def test_bf16_autocast_model_step():
     pytest.importorskip("timm")
     cfg = _tiny_config("--model-dtype", "bf16")
     forms = model_level.ModelForms("poolformer_s12", cfg, fused_poolformer.convert_model)
-    variants = forms.variants(["converted"], "channels_last")
-    assert model_level.ModelBench(cfg, variants, [], "channels_last").warm()["converted"] > 0
+    impls = ["mixer", "block"] if BLOCK_FORM else ["mixer"]
+    bench_ = model_level.ModelBench(cfg, forms.variants(impls, "channels_last"), [], "channels_last")
+    warmed = bench_.warm()
+    assert not bench_.failed and set(warmed) == set(impls) and min(warmed.values()) > 0
 
 
-def test_model_groups_and_speedups():
-    rows = [dict(impl=i, layout="contiguous", infer_ms=ms, train_step_ms=2 * ms)
-            for i, ms in (("original", 4.0), ("converted", 2.0), ("original+compile", 3.0), ("converted+compile", 1.0))]
-    for group in model_level.MODEL_GROUPS:
-        model_level._speedups(rows, "contiguous", list(group))
+@requires_cpu_kernels
+def test_block_form_is_unavailable_without_fuse_argument():
+    """An installed convert_model without fuse= (before block fusion) gives "unavailable"
+    block rows, and the mixer form is its plain conversion."""
+    pytest.importorskip("timm")
+
+    def old_convert_model(model, backend="auto", inplace=False):
+        kwargs = {"fuse": "mixer"} if BLOCK_FORM else {}
+        return fused_poolformer.convert_model(model, backend=backend, inplace=inplace, **kwargs)
+    converters = model_level.form_converters(old_convert_model)
+    assert converters["block"][0] is None and "fuse=" in converters["block"][1]
+    cfg = _tiny_config("--latency-models", "none", "--model-impls", "original,mixer,block")
+    rows = []
+    run = model_level.ModelRun("poolformer_s12", cfg, old_convert_model)
+    run.emit_macs_rows(lambda section, row: rows.append(row))
     by_impl = {r["impl"]: r for r in rows}
-    assert by_impl["converted"]["train_step_speedup"] == 2.0
-    assert by_impl["converted+compile"]["train_step_speedup"] == 3.0  # over original+compile
-    assert by_impl["converted+compile"]["infer_speedup_vs_original"] == 4.0
+    assert by_impl["original"]["status"] == by_impl["mixer"]["status"] == "ok"
+    assert by_impl["mixer"]["blocks_converted"] == 12
+    assert by_impl["block"]["status"] == "unavailable" and "fuse=" in by_impl["block"]["error"]
+    assert by_impl["block"]["macs_g"] is None and by_impl["block"]["train_step_ms"] is None
+
+
+def test_model_speedups_against_both_baselines():
+    rows = [dict(impl=i, layout="contiguous", infer_ms=ms, train_step_ms=2 * ms, saved_bytes=saved)
+            for i, ms, saved in (("original", 4.0, 100), ("mixer", 2.0, 80), ("block", 1.0, 50),
+                                 ("original+compile", 3.0, 90), ("mixer+compile", 1.5, 75))]
+    rows.append(dict(impl="block+compile", layout="contiguous", infer_ms=None, train_step_ms=None, saved_bytes=None))
+    model_level._speedups(rows, "contiguous")
+    by_impl = {r["impl"]: r for r in rows}
+    assert by_impl["mixer"]["train_step_speedup_vs_original"] == 2.0
+    assert by_impl["mixer"]["train_step_speedup_vs_original_compile"] == 1.5
+    assert by_impl["mixer+compile"]["infer_speedup_vs_original_compile"] == 2.0
+    assert by_impl["block"]["saved_vs_original"] == 0.5 and by_impl["block"]["saved_vs_original_compile"] == 50 / 90
+    assert by_impl["original"]["train_step_speedup_vs_original"] == 1.0
+    assert "train_step_speedup_vs_original" not in by_impl["block+compile"]  # not timed: no ratios
+    assert [g for g in model_level.MODEL_GROUPS] == [("original", "mixer", "block"),
+                                                     ("original+compile", "mixer+compile", "block+compile")]
 
 
 @requires_cpu_kernels
@@ -287,7 +410,8 @@ def test_warm_compile_ops(capsys):
 def test_bad_arguments_are_named():
     for argv, word in ((["--shape", "1,2,3"], "--shape"), (["--stages", "7"], "--stages"),
                        (["--dtypes", "int8"], "--dtypes"), (["--models", "s99"], "--models"),
-                       (["--model-impls", "fused"], "--model-impls"), (["--parts", "kernels"], "--parts")):
+                       (["--model-impls", "converted"], "--model-impls"), (["--parts", "kernels"], "--parts"),
+                       (["--impls", "fused-nowhere"], "--impls")):
         with pytest.raises(SystemExit) as info:
             bench.make_config(bench.build_parser().parse_args(["--device", "cpu"] + argv))
         assert word in str(info.value) or info.value.code == 2
@@ -297,11 +421,11 @@ def test_bad_arguments_are_named():
 # GPU notes and the GPU check.
 
 
-def _recorded_run(path, graph_ms=None):
-    row = dict(impl="fused-cuda", shape=[64, 512, 7, 7], dtype="bf16", layout="channels_last", median_ms=0.2)
+def _recorded_run(path, graph_ms=None, bandwidth=4000.0, device="NVIDIA H200", **extra):
+    row = dict(impl="fused-cuda", shape=[64, 512, 7, 7], dtype="bf16", layout="channels_last", median_ms=0.2, **extra)
     rows = [dict(row, **{"pass": p}, graph_ms=graph_ms) for p in costs.PASSES]
     with open(path, "w") as f:
-        json.dump({"device": "NVIDIA H200", "copy_bandwidth_gbs": 4000.0, "ops": rows}, f)
+        json.dump({"device": device, "copy_bandwidth_gbs": bandwidth, "ops": rows}, f)
     return str(path)
 
 
@@ -326,33 +450,19 @@ def test_gpu_notes_regenerate_between_markers(tmp_path):
     assert "Hand-written findings." in updated and "More findings." in updated and "new kernels" not in updated
 
 
-def test_gpu_check_dry_run(tmp_path):
-    """benchmarks/gpu_check.sh --dry-run: every step that needs no GPU, on the CPU."""
-    out = tmp_path / "out"
-    env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=ROOT)
-    done = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run", "--out", str(out)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
-    summary = done.stdout[done.stdout.index("=== summary"):]
-    assert done.returncode == 0, summary + done.stdout[-5000:]
-    for step in ("env", "build", "tests", "memcheck", "racecheck", "warm", "ops", "models", "notes"):
-        assert any(line.split()[:2] == [step, "OK"] for line in summary.splitlines()), (step, summary)
-    files = os.listdir(out)
-    ops_json = next(f for f in files if f.startswith("cpu-dry-run-") and f.endswith("-ops.json"))
-    with open(out / ops_json) as f:
-        ops = json.load(f)
-    assert ops["host"] and {r["layout"] for r in ops["ops"]} == {"contiguous", "channels_last"}
-    assert {r["impl"] for r in ops["ops"]} >= {"eager", "compile"}
-    with open(out / ops_json.replace("-ops.json", "-models.json")) as f:
-        models = json.load(f)
-    assert {r["impl"] for r in models["models"]} == set(model_level.MODEL_IMPLS)
-    assert "GPU_NOTES.md" in files and any(f.endswith("-gpu_check.log") for f in files)
-
-
-def test_gpu_check_arguments():
-    run = lambda *args: subprocess.run(["bash", "benchmarks/gpu_check.sh", *args], cwd=ROOT, capture_output=True,
-                                       text=True, timeout=60)
-    shown = run("--help")
-    assert shown.returncode == 0 and "--dry-run" in shown.stdout
-    for args in (["--frobnicate"], ["--budget", "soon"]):
-        refused = run(*args)
-        assert refused.returncode == 2 and args[0] in refused.stderr
+def test_gpu_notes_use_the_newest_runs_bandwidth(tmp_path):
+    """The floor column comes from the last run given (this run, on its own GPU), each
+    run's % of the floor from its own bandwidth; a row that raised says ERROR."""
+    old = _recorded_run(tmp_path / "old.json", bandwidth=4800.0)  # an H200
+    new = _recorded_run(tmp_path / "new.json", graph_ms=0.004, bandwidth=3000.0, device="NVIDIA H100")
+    broken = _recorded_run(tmp_path / "broken.json", bandwidth=3000.0, device="NVIDIA H100", status="error")
+    path = str(tmp_path / "GPU_NOTES.md")
+    text = notes.write_notes(path, [f"h200={old}", f"h100={new}", f"broken={broken}"])
+    assert "Copy bandwidth 3000.0 GB/s (read + write), from the run 'broken' (NVIDIA H100)" in text
+    assert "2 + 3 launches" in text  # the CUDA forward makes 2, the backward 3
+    line = next(l for l in text.splitlines() if l.startswith("| 64x512x7x7 | bf16 | fwd |"))
+    floor_3000 = 3 * 64 * 512 * 7 * 7 * 2 / 3000e9 * 1e3
+    assert f"| {floor_3000 * 1e3:.1f} |" in line  # the floor column at the newest bandwidth
+    floor_4800 = floor_3000 * 3000 / 4800
+    assert f"CL 200.0 ({100 * floor_4800 / 0.2:.0f}%, loop)" in line  # the H200 run at its own bandwidth
+    assert f"CL 4.0 ({100 * floor_3000 / 0.004:.0f}%, graph)" in line and "CL ERROR" in line

@@ -10,9 +10,11 @@ Parts, in the order they run: ``host`` (host overhead of the operator on a tiny 
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -26,7 +28,8 @@ from . import costs, notes, report, timing
 from .host_overhead import host_overhead_rows
 from .inputs import DTYPES, LAYOUTS
 from .model_level import MODEL_IMPLS, MODELS, run_models, warm_compile_models
-from .op_level import BASELINE_IMPLS, FUSED_IMPLS, STAGE_SHAPES, default_fused_impls, run_ops, warm_compile_ops
+from .op_level import (BASELINE_IMPLS, CASE_ORDERS, STAGE_SHAPES, default_fused_impls, known_impls, run_ops,
+                       warm_compile_ops)
 
 PARTS = ("host", "ops", "models")
 
@@ -55,9 +58,44 @@ class Config:
     deadline: Optional[float] = None
     progress: bool = True
     notes: List[str] = field(default_factory=list)
+    case_order: str = "shape"
+    baseline_json: Optional[str] = None
+    ready_file: Optional[str] = None
+    go_file: Optional[str] = None
+    time_budget: Optional[float] = None
+    inject_mismatch: List[str] = field(default_factory=list)
+    inject_kill_after_rows: Optional[int] = None
+    _budget_started: bool = False
 
     def out_of_time(self) -> bool:
         return self.deadline is not None and time.monotonic() > self.deadline
+
+    def signal_ready(self, info: dict) -> None:
+        """Writes ``ready_file`` (what was warmed, seconds each), when there is one."""
+        if self.ready_file:
+            report.write_text(self.ready_file, json.dumps(info, indent=1) + "\n")
+
+    def go_given(self) -> bool:
+        """Whether ``go_file`` exists (False without one)."""
+        return bool(self.go_file) and os.path.exists(self.go_file)
+
+    def start_budget(self) -> None:
+        """Starts the time budget now (once): a process that warms up first and waits for
+        ``go_file`` spends its budget on timing only."""
+        if not self._budget_started:
+            self._budget_started = True
+            if self.time_budget is not None:
+                self.deadline = time.monotonic() + self.time_budget
+
+    def wait_for_go(self, poll_s: float = 0.1) -> None:
+        """Blocks until ``go_file`` exists, then starts the time budget."""
+        if not self.go_file:
+            return
+        if not self.go_given():
+            self.say(f"waiting for {self.go_file}")
+        while not self.go_given():
+            time.sleep(poll_s)
+        self.start_budget()
 
     def say(self, text: str) -> None:
         """What is being measured now, on stderr (a compile can take a while)."""
@@ -130,12 +168,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma list of contiguous,channels_last (default: both; quick CPU: contiguous)")
     g.add_argument("--passes", default="fwd,fwd+bwd", help="comma list of fwd,fwd+bwd")
     g.add_argument("--impls", default=None,
-                   help="comma list of eager,compile,fused-cpu,fused-cuda,fused-triton "
-                        "(default: eager, every fused backend the device runs, compile)")
+                   help=f"comma list of {','.join(known_impls())} (fused-<backend>, one per fused backend of "
+                        "fused_poolformer/backends.py; default: eager, every fused backend the device runs, compile)")
     g.add_argument("--no-compile", action="store_true", help="leave out torch.compile (op and model level)")
     g.add_argument("--compile-backend", default="inductor",
                    help="torch.compile backend of the baselines (default inductor; aot_eager checks the plumbing fast)")
     g.add_argument("--min-run-time", type=float, default=None, help="seconds of timing per op row and method")
+    g.add_argument("--case-order", choices=CASE_ORDERS, default="shape",
+                   help="shape: shape by shape (default); variant: every shape of one dtype and layout before the "
+                        "next (a run cut short still covers every shape)")
+    g.add_argument("--baseline-json", metavar="PATH",
+                   help="eager / compile rows of a recorded op run: the speed-ups of implementations timed now")
     g = p.add_argument_group("model level")
     g.add_argument("--models", default=None,
                    help="comma list of s12,s24,s36,m36,m48, 'all' or 'none' (default all; quick: s12)")
@@ -144,7 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: all; quick: s12)")
     g.add_argument("--compile-models", default=None,
                    help="models that also get torch.compile variants (default: s12; none for a quick CPU run)")
-    g.add_argument("--model-impls", default=None, help=f"comma list of {', '.join(MODEL_IMPLS)} (default: all)")
+    g.add_argument("--model-impls", default=None,
+                   help=f"comma list of {', '.join(MODEL_IMPLS)} (default: all; mixer / block: convert_model(fuse=...), "
+                        "a form the installed convert_model cannot build is a row that says 'unavailable')")
     g.add_argument("--model-batch", type=int, default=None, help="default: 4 CPU (quick 2), 64 GPU")
     g.add_argument("--model-reps", type=int, default=None, help="interleaved repetitions (default: 5 CPU, 20 GPU)")
     g.add_argument("--model-dtype", default=None, choices=("fp32", "bf16", "fp16"),
@@ -152,6 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model-layouts", default=None,
                    help="comma list of contiguous,channels_last (default: contiguous CPU, both GPU)")
     g.add_argument("--model-image-size", type=int, default=224, help="input resolution of the timed models")
+    g.add_argument("--ready-file", metavar="PATH",
+                   help="models: build and warm (compile) every timed variant first, then write PATH")
+    g.add_argument("--go-file", metavar="PATH",
+                   help="models: after warming, wait until PATH exists before timing (the time budget starts then)")
     g = p.add_argument_group("output")
     g.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: torch's); 1 gives steadier numbers on a busy machine")
@@ -159,11 +208,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--markdown", metavar="PATH", help="write the results as Markdown (updated as rows are measured)")
     g.add_argument("--plot", metavar="PATH", help="write a PNG: speedup over eager and fraction of the floor")
     g.add_argument("--no-progress", action="store_true", help="no '... measuring' lines on stderr")
+    # Fault injection for the tests of benchmarks/gpu_check.sh (tests/test_gpu_check.py): a
+    # fused implementation whose outputs miss the reference, a process killed mid-run.
+    g.add_argument("--inject-mismatch", default="", help=argparse.SUPPRESS)
+    g.add_argument("--inject-kill-after-rows", type=int, default=None, help=argparse.SUPPRESS)
     g = p.add_argument_group("GPU notes (no benchmark is run)")
     g.add_argument("--gpu-notes", metavar="PATH", help="write the floor / predicted / measured tables into PATH")
     g.add_argument("--notes-run", action="append", default=[], metavar="LABEL=JSON",
-                   help="a recorded run (repeatable; the same label merges files); the first one's copy "
-                        "bandwidth sets the floor")
+                   help="a recorded run (repeatable; the same label merges files); the last one's copy "
+                        "bandwidth sets the floor column, each run's % of the floor uses its own")
     g.add_argument("--notes-bandwidth", type=float, default=None, metavar="GBS", help="floor bandwidth override")
     return p
 
@@ -216,24 +269,30 @@ def make_config(args: argparse.Namespace) -> Config:
         model_layouts=_csv(args.model_layouts or ("contiguous,channels_last" if gpu else "contiguous")),
         model_image_size=args.model_image_size,
         compile_backend=args.compile_backend,
-        deadline=None if args.time_budget is None else time.monotonic() + args.time_budget,
+        deadline=None if args.time_budget is None or args.go_file else time.monotonic() + args.time_budget,
         progress=not args.no_progress,
+        case_order=args.case_order,
+        baseline_json=args.baseline_json,
+        ready_file=args.ready_file,
+        go_file=args.go_file,
+        time_budget=args.time_budget,
+        inject_mismatch=_csv(args.inject_mismatch),
+        inject_kill_after_rows=args.inject_kill_after_rows,
     )
     _validate(cfg)
     return cfg
 
 
 def _validate(cfg: Config) -> None:
-    known_impls = ("eager", "compile") + tuple(FUSED_IMPLS.values())
     for name, values, allowed in (("--dtypes", cfg.dtypes, DTYPES), ("--layouts", cfg.layouts, LAYOUTS),
-                                  ("--passes", cfg.passes, costs.PASSES), ("--impls", cfg.impls, known_impls),
+                                  ("--passes", cfg.passes, costs.PASSES), ("--impls", cfg.impls, known_impls()),
                                   ("--model-impls", cfg.model_impls, MODEL_IMPLS),
                                   ("--model-layouts", cfg.model_layouts, LAYOUTS)):
         bad = [v for v in values if v not in allowed]
         if bad:
             raise SystemExit(f"{name}: unknown {bad} (choose from {', '.join(allowed)})")
-    if "ops" in cfg.parts and "eager" not in cfg.impls:
-        raise SystemExit("--impls must include eager (every row is compared with it)")
+    if cfg.baseline_json and not os.path.isfile(cfg.baseline_json):
+        raise SystemExit(f"--baseline-json: no such file {cfg.baseline_json!r}")
     # Baselines run around the fused rows: eager first, compile last.
     cfg.impls = sorted(cfg.impls, key=lambda i: (i != BASELINE_IMPLS[0], i == BASELINE_IMPLS[1]))
 
@@ -279,6 +338,8 @@ def run(cfg: Config, command: str, recorder_paths=(None, None)) -> dict:
                    timestamp=datetime.datetime.now().isoformat(timespec="seconds"), command=command,
                    copy_bandwidth_gbs=None, load_average=[_load_average()], notes=cfg.notes)
     recorder = report.Recorder(results, *recorder_paths)
+    if cfg.inject_kill_after_rows is not None:
+        _die_after_rows(recorder, cfg.inject_kill_after_rows)
     if "host" in cfg.parts:
         host_overhead_rows(cfg.device, recorder.emit)
     if "ops" in cfg.parts and cfg.shapes:
@@ -294,15 +355,26 @@ def run(cfg: Config, command: str, recorder_paths=(None, None)) -> dict:
     return results
 
 
+def _die_after_rows(recorder: report.Recorder, rows: int) -> None:
+    """--inject-kill-after-rows (tests only): SIGKILL this process once ``rows`` op or model
+    rows are written, as a step killed outright would be."""
+    emit = recorder.emit
+
+    def emit_then_die(section: str, row: dict) -> None:
+        emit(section, row)
+        if len(recorder.results["ops"]) + len(recorder.results["models"]) >= rows:
+            print(f"--inject-kill-after-rows {rows}: killing this process", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+    recorder.emit = emit_then_die
+
+
 def warm_compile(cfg: Config) -> int:
     seconds = {}
     if "ops" in cfg.parts and "compile" in cfg.impls:
         seconds.update(warm_compile_ops(cfg))
     if "models" in cfg.parts:
         seconds.update(warm_compile_models(cfg))
-    for what, s in seconds.items():
-        print(f"compiled {what}: {s:.1f} s", flush=True)
-    print(f"compiled {len(seconds)} baselines in {sum(seconds.values()):.0f} s")
+    print(f"compiled {len(seconds)} baselines in {sum(seconds.values()):.0f} s")  # each printed as it was done
     return 0
 
 
@@ -328,4 +400,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         report.Recorder(results, args.json, args.markdown).save()
     if args.plot and results["ops"]:
         report.write_plot(results, args.plot)
-    return 0
+    return 1 if failures(results) else 0
+
+
+def failures(results: dict) -> List[str]:
+    """What failed in a run (every row was still written): op rows that missed the
+    reference or raised, model variants whose output differs from the original's or that
+    raised (an "unavailable" form is not a failure)."""
+    out = report.failed_rows(results)  # op rows and model rows that raised
+    for r in results.get("models", []):
+        if r.get("output_matches") is False:
+            out.append(f"{r['model']} {r['layout']} {r['impl']}: output differs from the original by "
+                       f"{r['max_rel_output_diff']:.2e}")
+    return out

@@ -4,7 +4,7 @@ implementation's outputs and gradients against the unfused graph in float64.
 Every tensor is random (never zeros or ones), so a kernel that drops a term shows up.
 """
 
-from typing import Callable, Dict, Iterable, Optional, Sequence
+from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
 
 import torch
 
@@ -87,16 +87,26 @@ class ReferenceMismatch(RuntimeError):
 NAMES = {"y": "output", "x": "input gradient"}
 
 
+def errors(actual: Dict[str, torch.Tensor], expected: Dict[str, torch.Tensor],
+           dtype: torch.dtype) -> Dict[str, Tuple[float, float]]:
+    """Per tensor of ``expected``: (max |actual - expected|, the dtype's allowance
+    TOLERANCE * (1 + max |expected|)); NaN where the output holds a NaN."""
+    out = {}
+    for key, want in expected.items():
+        got = actual[key].detach().double().to(want.device)
+        err = (got - want).abs().max().item() if want.numel() else 0.0
+        allowed = TOLERANCE[dtype] * (1.0 + (want.abs().max().item() if want.numel() else 0.0))
+        out[key] = (err, allowed)
+    return out
+
+
 def compare(impl: str, actual: Dict[str, torch.Tensor], expected: Dict[str, torch.Tensor],
             dtype: torch.dtype) -> Dict[str, float]:
     """Raises ReferenceMismatch naming ``impl`` and the tensor when an output differs from
     the float64 reference by more than the dtype's allowance; returns, per tensor, the
     error as a fraction of that allowance."""
     ratios = {}
-    for key, want in expected.items():
-        got = actual[key].detach().double().to(want.device)
-        err = (got - want).abs().max().item() if want.numel() else 0.0
-        allowed = TOLERANCE[dtype] * (1.0 + (want.abs().max().item() if want.numel() else 0.0))
+    for key, (err, allowed) in errors(actual, expected, dtype).items():
         if not err <= allowed:  # also catches NaN
             name = NAMES.get(key, f"{key} gradient")
             raise ReferenceMismatch(f"{impl}: {name} differs from the reference by {err:.3e} (allowed {allowed:.3e}, "

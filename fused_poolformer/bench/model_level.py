@@ -1,23 +1,33 @@
 """Model level: timm PoolFormer models, original against converted (``convert_model``),
 each also under torch.compile.
 
+Variants (``MODEL_IMPLS``): ``original`` (the timm model), ``mixer`` (the token-mixer
+branch of every block fused, ``convert_model(fuse="mixer")``), ``block`` (every block fused
+whole where the block operator serves it, ``convert_model(fuse="block")``), and each under
+torch.compile (``+compile``).  A form the installed ``convert_model`` cannot build (no
+``fuse=`` argument, no block fused whole, the conversion failed) gets a row whose
+``status`` says "unavailable" and why; a variant that raises gets a row with status
+"error"; the others are timed as usual.
+
 Per model: parameters and MACs (fvcore, as the paper's table, else
 torch.utils.flop_counter), and for the models whose latency is asked for, per layout
-(NCHW, channels_last): inference latency, training-step time (AdamW) and its peak memory,
-and the token-mixer branches alone -- every converted block's norm1 -> pool - x -> layer
-scale -> residual, on the input that block receives in the model (the part the conversion
-changes).
+(NCHW, channels_last): inference latency, training-step time (AdamW), its peak memory and
+the bytes of the activations it saves for the backward (every storage the saved-tensor
+hooks see during the training forward, parameters included), and the token-mixer branches
+alone -- every converted block's norm1 -> pool - x -> layer scale -> residual, on the input
+that block receives in the model (the part the mixer conversion changes).  Every row has
+its time and saved-bytes ratios against the original eager and the original + compile.
 
-One timing method: the variants are timed in groups -- original with converted, then
-original + torch.compile with converted + torch.compile -- every variant with its own copy
-of the weights; each warms up (bounded; a compiled variant compiles in its first calls,
-timed as ``first_calls_s``), then the group's variants alternate call by call over the
-repetitions and medians are reported, so drift in machine load hits them alike and their
-ratio is stable from run to run.
+One timing method: the variants are timed in groups -- the eager forms together, then the
+compiled ones -- every variant with its own copy of the weights; each warms up (bounded; a
+compiled variant compiles in its first calls, timed as ``first_calls_s``), then the
+group's variants alternate call by call over the repetitions and medians are reported, so
+drift in machine load hits them alike and their ratio is stable from run to run.
 """
 
 import contextlib
 import copy
+import inspect
 import time
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -33,12 +43,23 @@ PAPER_MACS_G = {"poolformer_s12": 1.8, "poolformer_s24": 3.4, "poolformer_s36": 
                 "poolformer_m36": 8.8, "poolformer_m48": 11.6}
 PAPER_PARAMS_M = {"poolformer_s12": 12, "poolformer_s24": 21, "poolformer_s36": 31,
                   "poolformer_m36": 56, "poolformer_m48": 73}
-MODEL_IMPLS = ("original", "converted", "original+compile", "converted+compile")
-# Variants timed together (alternating call by call); speed-ups are over each group's first.
-MODEL_GROUPS = (("original", "converted"), ("original+compile", "converted+compile"))
+FORMS = ("original", "mixer", "block")
+MODEL_IMPLS = ("original", "mixer", "block", "original+compile", "mixer+compile", "block+compile")
+# Variants timed together (alternating call by call): the eager forms, then the compiled ones.
+MODEL_GROUPS = (("original", "mixer", "block"), ("original+compile", "mixer+compile", "block+compile"))
+# Every row's ratios are against these two (same layout): suffix of the field -> variant.
+BASELINES = (("original", "original"), ("original_compile", "original+compile"))
 WARMUP_CALLS = 2  # the first call of a compiled variant compiles it; the second runs it once
 # Largest |converted - original| / max |original| of the logits that counts as the same model.
 OUTPUT_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-9, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+TIMING_FIELDS = ("infer_ms", "infer_min_ms", "infer_max_ms", "images_per_s", "train_step_ms", "train_min_ms",
+                 "train_max_ms", "peak_mem_mb", "peak_mem_method", "saved_bytes", "saved_storages",
+                 "max_rel_output_diff", "output_matches", "first_calls_s", "mixer_fwd_ms", "mixer_fwd_bwd_ms")
+
+
+def form_of(impl: str) -> str:
+    """"block+compile" -> "block"."""
+    return impl.split("+")[0]
 
 
 def converter() -> Tuple[Optional[Callable], Optional[str]]:
@@ -48,6 +69,39 @@ def converter() -> Tuple[Optional[Callable], Optional[str]]:
     except ImportError as exc:
         return None, f"converted rows skipped: fused_poolformer.convert is unavailable ({exc})"
     return convert_model, None
+
+
+def form_converters(convert_model: Optional[Callable], why_not: Optional[str] = None) -> Dict[str, tuple]:
+    """form -> (model -> converted model, None) or (None, why it is unavailable).  The
+    block form needs a ``convert_model`` that takes ``fuse=``; without it, the mixer form
+    is the plain conversion (the token mixer was its only level)."""
+    if convert_model is None:
+        reason = why_not or "fused_poolformer.convert_model is unavailable"
+        return {"mixer": (None, reason), "block": (None, reason)}
+    try:
+        takes_fuse = "fuse" in inspect.signature(convert_model).parameters
+    except (TypeError, ValueError):
+        takes_fuse = False
+    if not takes_fuse:
+        return {"mixer": (lambda m: convert_model(m, inplace=False), None),
+                "block": (None, "the installed fused_poolformer.convert_model takes no fuse= argument "
+                                "(block-level fusion is not installed)")}
+    return {"mixer": (lambda m: convert_model(m, inplace=False, fuse="mixer"), None),
+            "block": (lambda m: convert_model(m, inplace=False, fuse="block"), None)}
+
+
+def _conversion_problem(form: str, model) -> Optional[str]:
+    """Why a converted model does not stand for its form (nothing converted, no block fused
+    whole), or None."""
+    report = getattr(model, "fused_poolformer_report", None)
+    if report is None or not report.converted:
+        return f"convert_model converted no block ({report})"
+    if form == "block":
+        levels = getattr(report, "levels", {}) or {}
+        if not any(level == "block" for level in levels.values()):
+            reasons = [reason for _, reason in getattr(report, "mixer_only", [])][:1]
+            return "no block was fused whole" + (f" ({reasons[0]})" if reasons else "")
+    return None
 
 
 class PeakMemory:
@@ -166,16 +220,42 @@ def mixer_branches_step(branches: List[Tuple[Callable, torch.Tensor]], train: bo
     return step
 
 
+def saved_activation_bytes(model, images, labels, amp) -> Tuple[int, int]:
+    """(bytes, count) of the distinct storages that the saved-tensor hooks see during one
+    training forward and loss of ``model`` -- what autograd keeps for the backward,
+    parameters (and autocast's casts of them) included; a storage saved twice counts once.
+    Under torch.compile the hooks see what the compiled graph saves."""
+    storages: Dict[Tuple[str, int], int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        storages[(str(t.device), storage.data_ptr())] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with amp():
+            loss = F.cross_entropy(model(images), labels)
+    del loss  # frees the graph and what it saved
+    return sum(storages.values()), len(storages)
+
+
 def _median_ms(seconds: List[float]) -> dict:
     summary = timing.summarize(seconds)
     return {k: summary[k] for k in ("median_ms", "min_ms", "max_ms")}
 
 
+def _error_text(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
+
+
 class ModelBench:
-    """Times a group of variants of one model on one layout (see the module docstring)."""
+    """Times a group of variants of one model on one layout (see the module docstring).
+    A variant whose first calls raise is dropped from the group (``failed``: impl -> the
+    error) and the others are timed."""
 
     def __init__(self, cfg, variants: Dict[str, torch.nn.Module], converted_blocks: List[str], layout: str):
-        self.cfg, self.variants, self.converted_blocks = cfg, variants, converted_blocks
+        self.cfg, self.variants, self.converted_blocks = cfg, dict(variants), converted_blocks
         self.dtype = DTYPES[cfg.model_dtype]
         self.amp = _autocast(cfg.device, self.dtype)
         gen = torch.Generator(device=cfg.device).manual_seed(0)
@@ -184,6 +264,8 @@ class ModelBench:
             memory_format=LAYOUTS[layout])
         self.labels = torch.randint(0, 1000, (cfg.model_batch,), generator=gen, device=cfg.device)
         self.first_call_s = {impl: 0.0 for impl in variants}
+        self.failed: Dict[str, str] = {}
+        self.warmed = False
 
     def _mode(self, train: bool) -> None:
         for model in self.variants.values():
@@ -214,12 +296,24 @@ class ModelBench:
 
     def warm(self) -> Dict[str, float]:
         """One inference and one training call of each variant (for a compiled variant:
-        its compilation, which fills the compile caches); returns their seconds."""
-        self._mode(False)
-        self._warm_up(self._inference_steps(), calls=1)
-        self._mode(True)
-        self._warm_up(self._training_steps(), calls=1)
-        return dict(self.first_call_s)
+        its compilation, which fills the compile caches); returns their seconds.  A
+        variant that raises is dropped (``failed``)."""
+        for impl, model in list(self.variants.items()):
+            start = time.perf_counter()
+            try:
+                model.eval()
+                inference_step(model, self.images, self.amp)()
+                model.train()
+                training_step(model, self.images, self.labels, self.amp)()
+                timing.synchronize(self.cfg.device)
+            except Exception as exc:  # the row says so; the group goes on without it
+                self.failed[impl] = _error_text(exc)
+                del self.variants[impl]
+                self.cfg.notes.append(f"model variant {impl} failed on its first calls: {self.failed[impl]}")
+                continue
+            self.first_call_s[impl] += time.perf_counter() - start
+        self.warmed = True
+        return {impl: s for impl, s in self.first_call_s.items() if impl in self.variants}
 
     def output_differences(self) -> Dict[str, float]:
         """max |variant - baseline| / max |baseline| of the logits, the baseline being the
@@ -233,9 +327,23 @@ class ModelBench:
         scale = ref.abs().max().item()
         return {impl: (y - ref).abs().max().item() / scale for impl, y in outputs.items()}
 
+    def saved_bytes(self) -> Dict[str, Tuple[Optional[int], Optional[int]]]:
+        """(bytes, storages) saved by each variant's training forward (None where the hooks
+        could not be used)."""
+        self._mode(True)
+        out = {}
+        for impl, model in self.variants.items():
+            try:
+                out[impl] = saved_activation_bytes(model, self.images, self.labels, self.amp)
+            except Exception as exc:
+                self.cfg.notes.append(f"saved-activation bytes of {impl} not measured: {_error_text(exc)}")
+                out[impl] = (None, None)
+        return out
+
     def mixer_branches(self) -> Dict[str, Dict[str, dict]]:
-        """Interleaved times of the token-mixer branches, original against converted."""
-        original, converted = self.variants.get("original"), self.variants.get("converted")
+        """Interleaved times of the token-mixer branches, original against the mixer-fused
+        form (the branch it changes)."""
+        original, converted = self.variants.get("original"), self.variants.get("mixer")
         if original is None or converted is None or not self.converted_blocks:
             return {}
         self._mode(False)
@@ -243,8 +351,8 @@ class ModelBench:
         branches = {
             "original": [(lambda t, b=original.get_submodule(n): unfused_mixer_branch(b, t), x)
                          for n, x in zip(self.converted_blocks, inputs)],
-            "converted": [(converted.get_submodule(n).token_mixer_branch, x)
-                          for n, x in zip(self.converted_blocks, inputs)],
+            "mixer": [(converted.get_submodule(n).token_mixer_branch, x)
+                      for n, x in zip(self.converted_blocks, inputs)],
         }
         reps = 3 * self.cfg.model_reps  # short steps: more repetitions for steadier medians
         return {mode: self._interleaved({k: mixer_branches_step(v, train, self.amp) for k, v in branches.items()},
@@ -252,14 +360,21 @@ class ModelBench:
                 for mode, train in (("forward", False), ("forward_backward", True))}
 
     def run(self) -> Dict[str, dict]:
+        """Every variant's timings (see the module docstring); warms first if ``warm`` was
+        not called."""
         cfg = self.cfg
+        if not self.warmed:
+            self.warm()
+        if not self.variants:
+            return {}
         differences = self.output_differences()
-        infer = self._interleaved(self._inference_steps(), cfg.model_reps)
+        infer = self._interleaved(self._inference_steps(), cfg.model_reps, record=False)
         self._mode(True)
         train_steps = self._training_steps()
-        self._warm_up(train_steps)  # the optimizer state exists before memory is measured
+        self._warm_up(train_steps, record=False)  # the optimizer state exists before memory is measured
         memory = PeakMemory(cfg.device)
         peaks = {impl: memory.measure(step) for impl, step in train_steps.items()}
+        saved = self.saved_bytes()
         train = {impl: _median_ms(t) for impl, t in
                  timing.interleaved_times(train_steps, cfg.model_reps, cfg.device).items()}
         branches = self.mixer_branches()
@@ -272,6 +387,7 @@ class ModelBench:
                 images_per_s=cfg.model_batch / (infer[impl]["median_ms"] * 1e-3),
                 train_step_ms=train[impl]["median_ms"], train_min_ms=train[impl]["min_ms"],
                 train_max_ms=train[impl]["max_ms"], peak_mem_mb=peaks[impl], peak_mem_method=memory.method,
+                saved_bytes=saved[impl][0], saved_storages=saved[impl][1],
                 max_rel_output_diff=differences[impl],
                 output_matches=differences[impl] <= OUTPUT_TOLERANCE[self.dtype],
                 first_calls_s=self.first_call_s[impl],
@@ -281,23 +397,47 @@ class ModelBench:
 
 
 class ModelForms:
-    """One timm model, original and converted (on the CPU), and its variant groups."""
+    """One timm model, its converted forms (on the CPU), and its variant groups; a form
+    that cannot be built is in ``unavailable`` with the reason."""
 
-    def __init__(self, name: str, cfg, convert_model: Optional[Callable]):
+    def __init__(self, name: str, cfg, convert_model: Optional[Callable], why_not: Optional[str] = None):
         import timm
 
         torch.manual_seed(0)
         self.name, self.cfg = name, cfg
         self.original = timm.create_model(name, pretrained=False).eval()
-        self.converted = convert_model(self.original, inplace=False) if convert_model is not None else None
-        self.blocks = list(self.converted.fused_poolformer_report.converted) if self.converted is not None else []
-        self.impls = [i for i in cfg.model_impls if (self.converted is not None or not i.startswith("converted"))
-                      and (not i.endswith("+compile") or name in cfg.compile_models)]
+        self.models: Dict[str, torch.nn.Module] = {"original": self.original}
+        self.unavailable: Dict[str, str] = {}
+        wanted = {form_of(i) for i in cfg.model_impls} - {"original"}
+        for form, (convert, reason) in form_converters(convert_model, why_not).items():
+            if form not in wanted:
+                continue
+            if convert is None:
+                self.unavailable[form] = reason
+                continue
+            try:
+                model = convert(self.original)
+            except Exception as exc:  # a conversion that raises is a row that says so
+                self.unavailable[form] = f"convert_model raised {_error_text(exc)}"
+                continue
+            problem = _conversion_problem(form, model)
+            if problem:
+                self.unavailable[form] = problem
+            else:
+                self.models[form] = model.eval()
+        mixer = self.models.get("mixer")
+        self.blocks = list(mixer.fused_poolformer_report.converted) if mixer is not None else []
+        self.blocks_converted = {form: len(m.fused_poolformer_report.converted) for form, m in self.models.items()
+                                 if form != "original"}
+        self.impls = [i for i in cfg.model_impls if not i.endswith("+compile") or name in cfg.compile_models]
+
+    def available(self, impl: str) -> bool:
+        return form_of(impl) in self.models
 
     def groups(self) -> List[List[str]]:
         """The variants timed together (alternating), eager first: compiling takes long
         and a time budget should cut the compiled groups, not the eager ones."""
-        groups = [[i for i in group if i in self.impls] for group in MODEL_GROUPS]
+        groups = [[i for i in group if i in self.impls and self.available(i)] for group in MODEL_GROUPS]
         return [g for g in groups if g]
 
     def variants(self, impls: List[str], layout: str) -> Dict[str, torch.nn.Module]:
@@ -305,90 +445,202 @@ class ModelForms:
         them), compiled where the name says so."""
         variants = {}
         for impl in impls:
-            source = self.converted if impl.startswith("converted") else self.original
-            model = copy.deepcopy(source).to(self.cfg.device, memory_format=LAYOUTS[layout])
+            model = copy.deepcopy(self.models[form_of(impl)]).to(self.cfg.device, memory_format=LAYOUTS[layout])
             if impl.endswith("+compile"):
                 model = torch.compile(model, backend=self.cfg.compile_backend)
             variants[impl] = model
         return variants
 
-    def macs(self) -> Dict[str, Tuple[int, str]]:
-        """(MACs, counter) at 1x3x224x224 per form (compiling does not change the math)."""
+    def macs(self) -> Dict[str, Tuple[Optional[int], str]]:
+        """(MACs, counter) at 1x3x224x224 per form (compiling does not change the math);
+        (None, why) where counting failed."""
         example = torch.randn(1, 3, 224, 224)
-        forms = {"original": self.original, "converted": self.converted}
-        return {k: flops.count_macs(m.eval(), example) for k, m in forms.items() if m is not None}
+        out = {}
+        for form, model in self.models.items():
+            try:
+                out[form] = flops.count_macs(model.eval(), example)
+            except Exception as exc:
+                out[form] = (None, f"not counted: {_error_text(exc)}")
+        return out
 
 
-def _speedups(rows: List[dict], layout: str, group: List[str]) -> None:
-    """Speed-ups over the group's first variant (converted over original, converted +
-    compile over original + compile) and over the eager original, same layout."""
+def _speedups(rows: List[dict], layout: str) -> None:
+    """Every timed row's ratios against the original eager and the original + compile of
+    the same layout: time speed-ups (baseline / row) and saved bytes (row / baseline)."""
     by_impl = {r["impl"]: r for r in rows if r["layout"] == layout and r.get("train_step_ms")}
-    for impl in group:
-        row = by_impl.get(impl)
-        if row is None:
-            continue
-        for suffix, base in (("", group[0]), ("_vs_original", "original")):
+    for row in by_impl.values():
+        for suffix, base in BASELINES:
             ref = by_impl.get(base)
             for key in ("infer", "train_step"):
-                row[f"{key}_speedup{suffix}"] = ref[f"{key}_ms"] / row[f"{key}_ms"] if ref else None
+                row[f"{key}_speedup_vs_{suffix}"] = ref[f"{key}_ms"] / row[f"{key}_ms"] if ref else None
+            row[f"saved_vs_{suffix}"] = (row["saved_bytes"] / ref["saved_bytes"]
+                                         if ref and ref.get("saved_bytes") and row.get("saved_bytes") is not None
+                                         else None)
 
 
-def bench_model(name: str, cfg, convert_model: Optional[Callable], emit: Callable) -> List[dict]:
-    forms = ModelForms(name, cfg, convert_model)
-    macs = forms.macs()
-    common = dict(model=name, params_m=sum(p.numel() for p in forms.original.parameters()) / 1e6,
-                  paper_macs_g=PAPER_MACS_G[name], paper_params_m=PAPER_PARAMS_M[name],
-                  blocks_converted=len(forms.blocks), dtype=cfg.model_dtype, batch=None, image_size=None,
-                  infer_ms=None, images_per_s=None, train_step_ms=None, peak_mem_mb=None)
+RATIO_FIELDS = tuple(f"{key}_vs_{suffix}" for suffix, _ in BASELINES
+                     for key in ("infer_speedup", "train_step_speedup", "saved"))
 
-    def row_of(impl: str, layout: Optional[str], timings: dict) -> dict:
-        count, counter = macs[impl.split("+")[0]]
-        return dict(common, impl=impl, layout=layout, macs_g=count / 1e9, macs_counter=counter,
-                    macs_vs_paper_pct=100.0 * (count / 1e9 / PAPER_MACS_G[name] - 1.0), **timings)
 
-    rows = []
-    if name not in cfg.latency_models:
-        for impl in forms.impls:
-            rows.append(row_of(impl, None, {}))
-            emit("models", rows[-1])
-        return rows
-    for group in forms.groups():
-        for layout in cfg.model_layouts:
-            if cfg.out_of_time():
-                cfg.notes.append(f"model rows {name} {layout} {', '.join(group)} skipped: --time-budget reached")
+class ModelRun:
+    """One model: its forms, MACs, the row fields its variants share, and its timed groups."""
+
+    def __init__(self, name: str, cfg, convert_model: Optional[Callable], why_not: Optional[str] = None):
+        self.name, self.cfg = name, cfg
+        self.forms = ModelForms(name, cfg, convert_model, why_not)
+        self.macs = self.forms.macs()
+        self.common = dict(model=name, params_m=sum(p.numel() for p in self.forms.original.parameters()) / 1e6,
+                           paper_macs_g=PAPER_MACS_G[name], paper_params_m=PAPER_PARAMS_M[name],
+                           dtype=cfg.model_dtype, batch=None, image_size=None,
+                           **{k: None for k in TIMING_FIELDS + RATIO_FIELDS})
+        self.rows: List[dict] = []
+
+    @property
+    def timed(self) -> bool:
+        return self.name in self.cfg.latency_models
+
+    def row(self, impl: str, layout: Optional[str], fields: dict) -> dict:
+        form = form_of(impl)
+        count, counter = self.macs.get(form, (None, "-"))
+        macs_g = None if count is None else count / 1e9
+        row = dict(self.common, impl=impl, form=form, layout=layout,
+                   blocks_converted=self.forms.blocks_converted.get(form, 0), macs_g=macs_g, macs_counter=counter,
+                   macs_vs_paper_pct=None if macs_g is None else 100.0 * (macs_g / PAPER_MACS_G[self.name] - 1.0),
+                   status="ok", error=None)
+        row.update(fields)
+        return row
+
+    def unavailable_rows(self, emit: Callable) -> None:
+        """One row per asked-for variant whose form is unavailable (per layout when timed)."""
+        layouts = self.cfg.model_layouts if self.timed else [None]
+        for impl in self.forms.impls:
+            reason = self.forms.unavailable.get(form_of(impl))
+            if reason is None:
                 continue
-            cfg.say(f"{name} {layout}: {', '.join(group)}")
-            timings = ModelBench(cfg, forms.variants(group, layout), forms.blocks, layout).run()
-            group_rows = [row_of(impl, layout, dict(timings[impl], batch=cfg.model_batch,
-                                                   image_size=cfg.model_image_size)) for impl in group]
-            rows += group_rows
-            _speedups(rows, layout, group)
-            for row in group_rows:
-                emit("models", row)
-    return rows
+            for layout in layouts:
+                self.rows.append(self.row(impl, layout, dict(status="unavailable", error=reason)))
+                emit("models", self.rows[-1])
+
+    def emit_macs_rows(self, emit: Callable) -> None:
+        """Parameters and MACs only (a model whose latency is not asked for)."""
+        for impl in self.forms.impls:
+            if self.forms.available(impl):
+                self.rows.append(self.row(impl, None, {}))
+                emit("models", self.rows[-1])
+        self.unavailable_rows(emit)
+
+    def plans(self) -> List[Tuple[List[str], str]]:
+        """(group, layout) in timing order: every layout of the eager group, then the
+        compiled group (a time budget should cut compiled variants, not eager ones)."""
+        return [(group, layout) for group in self.forms.groups() for layout in self.cfg.model_layouts]
+
+    def bench(self, group: List[str], layout: str) -> "ModelBench":
+        return ModelBench(self.cfg, self.forms.variants(group, layout), self.forms.blocks, layout)
+
+    def time(self, group: List[str], layout: str, bench: "ModelBench", emit: Callable) -> None:
+        """Times the group; a variant that failed, or a group whose timing raised, is a row
+        with status "error"."""
+        cfg = self.cfg
+        cfg.say(f"{self.name} {layout}: {', '.join(group)}")
+        try:
+            timings = bench.run()
+            errors = dict(bench.failed)
+        except Exception as exc:  # the rows say so; the run goes on
+            timings, errors = {}, {impl: _error_text(exc) for impl in group}
+            cfg.notes.append(f"model rows {self.name} {layout} {', '.join(group)}: {errors[group[0]]}")
+        sized = dict(batch=cfg.model_batch, image_size=cfg.model_image_size)
+        group_rows = [self.row(impl, layout, dict(timings[impl], **sized)) if impl in timings
+                      else self.row(impl, layout, dict(sized, status="error", error=errors.get(impl, "not timed")))
+                      for impl in group]
+        self.rows += group_rows
+        _speedups(self.rows, layout)
+        for row in group_rows:
+            emit("models", row)
+
+
+def bench_model(name: str, cfg, convert_model: Optional[Callable], emit: Callable,
+                why_not: Optional[str] = None) -> List[dict]:
+    """Every row of one model, each group and layout built, warmed and timed in turn."""
+    run = ModelRun(name, cfg, convert_model, why_not)
+    if not run.timed:
+        run.emit_macs_rows(emit)
+        return run.rows
+    for group, layout in run.plans():
+        if cfg.out_of_time():
+            cfg.notes.append(f"model rows {name} {layout} {', '.join(group)} skipped: --time-budget reached")
+            continue
+        run.time(group, layout, run.bench(group, layout), emit)
+    run.unavailable_rows(emit)
+    return run.rows
+
+
+def bench_models_warm_first(runs: List[ModelRun], cfg, emit: Callable) -> None:
+    """Every timed variant built and warmed (a compiled one compiles here), then
+    ``cfg.signal_ready``; the timing waits for ``cfg.wait_for_go``: a process started early
+    compiles while others use the device, and times when the device is its own.  Should
+    the go come while it is still warming, the groups warmed so far are timed at once (the
+    eager ones come first) and the warming goes on after them."""
+    pending: List[tuple] = []
+
+    def time_pending() -> None:
+        while pending:
+            run, group, layout, bench = pending.pop(0)
+            if cfg.out_of_time():
+                cfg.notes.append(f"model rows {run.name} {layout} {', '.join(group)} skipped: --time-budget reached")
+                continue
+            run.time(group, layout, bench, emit)
+
+    warmed = {}
+    for run in runs:
+        for group, layout in run.plans() if run.timed else []:
+            if cfg.go_given():
+                cfg.start_budget()
+                time_pending()
+            cfg.say(f"warming {run.name} {layout}: {', '.join(group)}")
+            bench = run.bench(group, layout)
+            for impl, s in bench.warm().items():
+                warmed[f"{run.name} {layout} {impl}"] = s
+                print(f"warmed {run.name} {layout} {impl}: {s:.1f} s", flush=True)
+            for impl, error in bench.failed.items():
+                print(f"FAILED {run.name} {layout} {impl}: {error}", flush=True)
+            pending.append((run, group, layout, bench))
+    cfg.signal_ready(warmed)
+    cfg.wait_for_go()
+    time_pending()
+    for run in runs:
+        if run.timed:
+            run.unavailable_rows(emit)
 
 
 def run_models(cfg, emit: Callable) -> List[dict]:
     convert_model, reason = converter()
     if convert_model is None:
         cfg.notes.append(reason)
-    rows = []
-    for name in cfg.models:
-        rows += bench_model(name, cfg, convert_model, emit)
-    return rows
+    if not getattr(cfg, "go_file", None):
+        return [row for name in cfg.models for row in bench_model(name, cfg, convert_model, emit, reason)]
+    runs = [ModelRun(name, cfg, convert_model, reason) for name in cfg.models]
+    for run in runs:
+        if not run.timed:
+            run.emit_macs_rows(emit)
+    bench_models_warm_first(runs, cfg, emit)
+    return [row for run in runs for row in run.rows]
 
 
 def warm_compile_models(cfg) -> Dict[str, float]:
     """Compiles every compiled variant of the timed models once (inference and training
     step), so that the compile caches are warm for a later timing run; returns seconds
     per (model, layout, impl)."""
-    convert_model, _ = converter()
+    convert_model, reason = converter()
     seconds = {}
     for name in cfg.latency_models:
-        forms = ModelForms(name, cfg, convert_model)
-        compiled = [i for i in forms.impls if i.endswith("+compile")]
+        forms = ModelForms(name, cfg, convert_model, reason)
+        compiled = [i for i in forms.impls if i.endswith("+compile") and forms.available(i)]
         for layout in cfg.model_layouts if compiled else []:
             cfg.say(f"warming {name} {layout}: {', '.join(compiled)}")
-            for impl, s in ModelBench(cfg, forms.variants(compiled, layout), [], layout).warm().items():
+            bench = ModelBench(cfg, forms.variants(compiled, layout), [], layout)
+            for impl, s in bench.warm().items():
                 seconds[f"{name} {layout} {impl}"] = s
+                print(f"compiled {name} {layout} {impl}: {s:.1f} s", flush=True)
+            for impl, error in bench.failed.items():
+                print(f"warming {name} {layout} {impl} failed: {error}", flush=True)
     return seconds

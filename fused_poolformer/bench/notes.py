@@ -58,13 +58,18 @@ def load_runs(specs: Sequence[str]) -> List[Tuple[str, dict]]:
     return list(runs.items())
 
 
-def measured(results: dict, shape, dtype: str, layout: str, pass_: str) -> Optional[Tuple[float, str]]:
+def measured(results: dict, shape, dtype: str, layout: str, pass_: str) -> Optional[Tuple[Optional[float], str]]:
     """(ms, method) of the fused CUDA row: the graph-replay (device) time where the run has
-    one, else the eager-loop (host + device) median."""
+    one, else the eager-loop (host + device) median; a row that missed the reference says
+    so in the method ("loop, MISMATCH"), one that raised is (None, "ERROR")."""
     for r in results["ops"]:
         if (r["impl"] == FUSED_IMPL and tuple(r["shape"]) == tuple(shape) and r["dtype"] == dtype
                 and r["layout"] == layout and r["pass"] == pass_):
-            return (r["graph_ms"], "graph") if r.get("graph_ms") else (r["median_ms"], "loop")
+            status = r.get("status", "ok")
+            if status == "error" or not (r.get("graph_ms") or r.get("median_ms")):
+                return None, "ERROR" if status == "error" else "no time"
+            ms, method = (r["graph_ms"], "graph") if r.get("graph_ms") else (r["median_ms"], "loop")
+            return ms, method if status == "ok" else f"{method}, {status.upper()}"
     return None
 
 
@@ -73,10 +78,20 @@ def _us(ms: Optional[float]) -> str:
 
 
 def _measured_cell(results: dict, shape, dtype: str, pass_: str, floor: float) -> str:
+    """The fused CUDA times of a run in both layouts, each with the % of ``floor`` (the
+    floor at that run's own copy bandwidth, where it recorded one)."""
+    if results.get("copy_bandwidth_gbs"):
+        nbytes = costs.fused_bytes(shape, costs.element_size(DTYPES[dtype]), pass_)
+        floor = costs.floor_ms(nbytes, results["copy_bandwidth_gbs"])
     cells = []
     for layout, short in LAYOUTS:
         m = measured(results, shape, dtype, layout, pass_)
-        cells.append(f"{short} -" if m is None else f"{short} {_us(m[0])} ({100 * floor / m[0]:.0f}%, {m[1]})")
+        if m is None:
+            cells.append(f"{short} -")
+        elif m[0] is None:
+            cells.append(f"{short} {m[1]}")
+        else:
+            cells.append(f"{short} {_us(m[0])} ({100 * floor / m[0]:.0f}%, {m[1]})")
     return " / ".join(cells)
 
 
@@ -87,7 +102,8 @@ def notes_tables(runs: List[Tuple[str, dict]], bandwidth_gbs: float, bandwidth_s
         f"Copy bandwidth {bandwidth_gbs:.1f} GB/s (read + write), from {bandwidth_source}. Times in µs. "
         "Floor = fused bytes (forward 3·E·s, backward 5·E·s) / bandwidth. "
         "Measured: the fused CUDA op, `graph` = CUDA-graph replay (device only), `loop` = eager loop "
-        "(host + device), with the % of the floor; where a label merges runs, the first file's row. "
+        "(host + device), with the % of the floor at that run's own copy bandwidth; where a label merges runs, "
+        "the first file's row. "
         f"Predicted: {target.name}: the floor / {target.floor_fraction['fwd']:.0%} forward, "
         f"/ {target.floor_fraction['bwd']:.0%} backward, plus {target.launches['fwd']} + {target.launches['bwd']} "
         f"launches x {target.launch_us:g} µs.", ""]
@@ -113,7 +129,8 @@ def write_notes(path: str, run_specs: Sequence[str], bandwidth_gbs: Optional[flo
     runs = load_runs(run_specs)
     recorded = [(r["copy_bandwidth_gbs"], f"the run '{label}' ({r['device']})") for label, r in runs
                 if r.get("copy_bandwidth_gbs")]
-    bandwidth, source = (bandwidth_gbs, "--notes-bandwidth") if bandwidth_gbs else (recorded or [(None, None)])[0]
+    # The newest run (the last given) sets the floor: a run on another GPU measures its own.
+    bandwidth, source = (bandwidth_gbs, "--notes-bandwidth") if bandwidth_gbs else (recorded or [(None, None)])[-1]
     if bandwidth is None:
         raise SystemExit("--gpu-notes needs a recorded run (--notes-run) or --notes-bandwidth")
     generated = "\n".join([BEGIN, "", f"`{command}`" if command else "", "",

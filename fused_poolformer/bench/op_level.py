@@ -3,7 +3,10 @@ on the same inputs, at the PoolFormer-S12 stage shapes.
 
 Each case (shape, dtype, layout, pass) is checked against the float64 reference before
 anything is timed, then every implementation is timed three ways (``timing``): eager
-loop, CUDA-graph replay and per-kernel profiler times.  Inputs rotate through enough
+loop, CUDA-graph replay and per-kernel profiler times.  A row whose outputs miss the
+reference is still timed and says so (``status`` "mismatch", ``checked`` False, the
+error); one that raises is a row with ``status`` "error" and no times; the run goes on
+(a GPU window is too short to lose the remaining rows to one bad kernel).  Inputs rotate through enough
 sets that one sweep exceeds the caches, so every timed call reads from memory.  The
 torch.compile baseline of a case is compiled once (its first call, timed as
 ``compile_s``) and reused by the three timings.
@@ -13,28 +16,41 @@ import itertools
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .. import available_backends, pool_mixer, reference
+from .. import backends, pool_mixer, reference
 from . import costs, timing
 from .inputs import DTYPES, ReferenceMismatch, compare, forward_backward, mixer, mixer_params, random_input
 from .inputs import reference_outputs
 
 STAGE_SHAPES = ((64, 56), (128, 28), (320, 14), (512, 7))  # PoolFormer-S12 (C, H) at 224x224
-FUSED_IMPLS = {"cpu": "fused-cpu", "cuda": "fused-cuda", "triton": "fused-triton"}
 BASELINE_IMPLS = ("eager", "compile")
+FUSED_PREFIX = "fused-"  # a fused implementation is "fused-<backend>", one per fused backend
 POOL_SIZE = 3
 ROTATION_BYTES = 128 << 20  # input sets rotated per call: more than any L2 (and this L3)
 MAX_INPUT_SETS = 64
 
 
+def fused_impls() -> Dict[str, str]:
+    """Implementation name -> backend name, for every fused backend of the registry
+    (``fused_poolformer.backends``: a backend registered there is benchmarked as
+    "fused-<name>" with no change here)."""
+    return {FUSED_PREFIX + b.name: b.name for b in backends.all_backends() if b.fused}
+
+
+def known_impls() -> Tuple[str, ...]:
+    """Every implementation name ``--impls`` accepts."""
+    return BASELINE_IMPLS + tuple(fused_impls())
+
+
 def default_fused_impls(device: str) -> List[str]:
-    """Every fused backend that runs compiled kernels on ``device`` (Triton on the CPU only
-    runs in its interpreter, far too slow to time: ask for it by name)."""
-    fused = [FUSED_IMPLS[b] for b in available_backends(device) if b in FUSED_IMPLS]
-    return [i for i in fused if not (device == "cpu" and i == "fused-triton")]
+    """Every fused backend that serves ``device`` in this process with compiled kernels
+    (one that serves it only through an interpreter -- Triton on the CPU -- is far too slow
+    to time: ask for it by name)."""
+    return [FUSED_PREFIX + b.name for b in backends.all_backends()
+            if b.fused and b.serves(device) and device not in b.interpreted_devices]
 
 
 @dataclass(frozen=True)
@@ -49,9 +65,16 @@ class OpCase:
         return f"{'x'.join(map(str, self.shape))} {self.dtype} {self.layout} {self.pass_}"
 
 
+CASE_ORDERS = ("shape", "variant")
+
+
 def op_cases(cfg) -> List[OpCase]:
-    """Every case, in the order asked for (stage shapes first: under a time budget the
-    first stages matter most; the host-overhead rows have printed by then)."""
+    """Every case, in the order asked for.  "shape": shape by shape (under a time budget
+    the first stages matter most); "variant": dtype by dtype and layout by layout, every
+    shape of one variant before the next, so a run cut short still covers every shape."""
+    if getattr(cfg, "case_order", "shape") == "variant":
+        return [OpCase(tuple(s), d, l, p) for d in cfg.dtypes for l in cfg.layouts for s in cfg.shapes
+                for p in cfg.passes]
     return [OpCase(tuple(s), d, l, p) for s in cfg.shapes for d in cfg.dtypes for l in cfg.layouts for p in cfg.passes]
 
 
@@ -70,11 +93,18 @@ class Implementations:
     """The callables of every implementation name; torch.compile of the reference built
     once (static shapes, default mode) and shared by every case."""
 
-    def __init__(self, compile_backend: str = "inductor"):
+    def __init__(self, compile_backend: str = "inductor", perturbed: Sequence[str] = ()):
         self.compile_backend = compile_backend
+        self.perturbed = tuple(perturbed)  # test only (--inject-mismatch): outputs scaled by 1.001
         self._compiled = None
 
     def function(self, impl: str) -> Callable:
+        fn = self._function(impl)
+        if impl in self.perturbed:
+            return lambda *args, **kwargs: fn(*args, **kwargs) * 1.001
+        return fn
+
+    def _function(self, impl: str) -> Callable:
         if impl == "eager":
             return reference.pool_mixer
         if impl == "compile":
@@ -82,9 +112,9 @@ class Implementations:
                 _raise_dynamo_cache_limits()
                 self._compiled = torch.compile(reference.pool_mixer, dynamic=False, backend=self.compile_backend)
             return self._compiled
-        backend = {v: k for k, v in FUSED_IMPLS.items()}.get(impl)
+        backend = fused_impls().get(impl)
         if backend is None:
-            raise ValueError(f"unknown implementation {impl!r}")
+            raise ValueError(f"unknown implementation {impl!r} (choose from {', '.join(known_impls())})")
         return lambda *args, **kwargs: pool_mixer(*args, backend=backend, **kwargs)
 
 
@@ -154,42 +184,94 @@ def _step_of(impls: Implementations, impl: str, case: OpCase, params) -> Callabl
     return case_step(mixer(impls.function(impl), pool_size=POOL_SIZE), params, case.pass_)
 
 
-def bench_case(case: OpCase, cfg, impls: Implementations, bandwidth_gbs: float, emit: Callable) -> List[dict]:
-    dtype = DTYPES[case.dtype]
-    sets = _rotation_sets(case, cfg.device, seed=sum(case.shape))
-    params = _case_params(case, cfg.device)
-    x0, dy0 = sets[0]
-    expected = reference_outputs(x0, params, dy0, wanted=("y", "x"), pool_size=POOL_SIZE)
-    size = costs.element_size(dtype)
-    floor = costs.floor_ms(costs.fused_bytes(case.shape, size, case.pass_), bandwidth_gbs)
+TIMING_FIELDS = ("median_ms", "q25_ms", "q75_ms", "min_ms", "max_ms", "reps", "graph_ms", "graph_q25_ms",
+                 "graph_q75_ms", "graph_note", "kernel_ms", "kernel_launches", "kernel_method", "frac_floor",
+                 "frac_floor_graph", "frac_floor_kernel", "gbs", "check_error_ratio")
+
+
+class DeviceLost(RuntimeError):
+    """The device cannot run anything more in this process (a sticky CUDA error)."""
+
+
+def _device_usable(device: str) -> bool:
+    if device != "cuda":
+        return True
+    try:
+        torch.cuda.synchronize()
+        return True
+    except Exception:  # an illegal address or launch failure poisons the context
+        return False
+
+
+def _error_text(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
+
+
+class CaseBench:
+    """One case's inputs, reference and floor, shared by its implementations."""
+
+    def __init__(self, case: OpCase, cfg, bandwidth_gbs: float):
+        self.case, self.cfg = case, cfg
+        self.dtype = DTYPES[case.dtype]
+        self.sets = _rotation_sets(case, cfg.device, seed=sum(case.shape))
+        self.params = _case_params(case, cfg.device)
+        x0, dy0 = self.sets[0]
+        self.expected = reference_outputs(x0, self.params, dy0, wanted=("y", "x"), pool_size=POOL_SIZE)
+        self.size = costs.element_size(self.dtype)
+        self.floor = costs.floor_ms(costs.fused_bytes(case.shape, self.size, case.pass_), bandwidth_gbs)
+
+    def base_row(self, impl: str) -> dict:
+        """The row's identity and cost model, every timing field empty."""
+        case = self.case
+        nbytes, nflops = costs.op_costs(case.shape, self.size, impl, case.pass_, POOL_SIZE)
+        return dict(shape=list(case.shape), dtype=case.dtype, layout=case.layout, **{"pass": case.pass_}, impl=impl,
+                    **{k: None for k in TIMING_FIELDS}, floor_ms=self.floor, bytes=nbytes, flops=nflops,
+                    checked=False, status="ok", error=None, input_sets=len(self.sets), compile_s=None)
+
+    def check(self, impl: str, step: Callable, row: dict) -> None:
+        """The first call (compiling a compiled baseline) and the reference check, into
+        ``row``: a miss sets status "mismatch" and the error, and the row is still timed."""
+        outputs, first_call_s = _first_call(step, *self.sets[0], self.cfg.device)
+        row["compile_s"] = first_call_s if impl == "compile" else None
+        actual = {k: outputs[k] for k in self.expected}
+        try:
+            ratios = compare(impl, actual, self.expected, self.dtype)
+            row.update(checked=True, check_error_ratio=max(ratios.values()))
+        except ReferenceMismatch as exc:
+            row.update(status="mismatch", error=str(exc))
+
+    def time(self, impl: str, step: Callable, row: dict) -> None:
+        timings = _time_three_ways(_rotating(step, self.sets), len(self.sets), impl, self.cfg)
+        row.update(timings, frac_floor=self.floor / timings["median_ms"],
+                   frac_floor_graph=_fraction(self.floor, timings["graph_ms"]),
+                   frac_floor_kernel=_fraction(self.floor, timings["kernel_ms"]))
+        if row["bytes"] is not None:
+            row["gbs"] = row["bytes"] / (timings["median_ms"] * 1e-3) / 1e9
+
+
+def bench_case(case: OpCase, cfg, impls: Implementations, bandwidth_gbs: float, emit: Callable,
+               baselines: Optional[List[dict]] = None) -> List[dict]:
+    """Every implementation of ``case`` checked and timed, one row each (see the module
+    docstring for mismatches and exceptions); ``baselines``: rows of this case measured
+    before (another run), for the speed-ups.  Raises DeviceLost when the device is gone."""
+    bench = CaseBench(case, cfg, bandwidth_gbs)
     rows = []
     for impl in cfg.impls:
-        step = _step_of(impls, impl, case, params)
+        step = _step_of(impls, impl, case, bench.params)
         cfg.say(f"{case.label} {impl}" + (" (compiling)" if impl == "compile" else ""))
+        row = bench.base_row(impl)
         try:
-            outputs, first_call_s = _first_call(step, x0, dy0, cfg.device)
-            check = compare(impl, {k: outputs[k] for k in expected}, expected, dtype)
-        except ReferenceMismatch:
-            raise
-        except Exception as exc:
-            if impl != "compile":
-                raise
-            # A machine without a working compiler still gets the other rows.
-            cfg.notes.append(f"compile skipped for {case.label}: {type(exc).__name__}: {exc}".splitlines()[0])
-            continue
-        timings = _time_three_ways(_rotating(step, sets), len(sets), impl, cfg)
-        nbytes, nflops = costs.op_costs(case.shape, size, impl, case.pass_, POOL_SIZE)
-        row = dict(shape=list(case.shape), dtype=case.dtype, layout=case.layout, **{"pass": case.pass_}, impl=impl,
-                   **timings, floor_ms=floor, frac_floor=floor / timings["median_ms"],
-                   frac_floor_graph=_fraction(floor, timings["graph_ms"]),
-                   frac_floor_kernel=_fraction(floor, timings["kernel_ms"]),
-                   bytes=nbytes, flops=nflops,
-                   gbs=None if nbytes is None else nbytes / (timings["median_ms"] * 1e-3) / 1e9,
-                   checked=True, check_error_ratio=max(check.values()), input_sets=len(sets),
-                   compile_s=first_call_s if impl == "compile" else None)
+            bench.check(impl, step, row)
+            bench.time(impl, step, row)
+        except Exception as exc:  # a row that says so; the other implementations still run
+            row.update(status="error", error=_error_text(exc), checked=False)
+            row.update({k: None for k in TIMING_FIELDS if k != "check_error_ratio"})
         rows.append(row)
-        add_speedups(rows)
+        add_speedups(rows + [r for r in baselines or () if r["impl"] not in cfg.impls])
         emit("ops", row)
+        if row["status"] == "error" and not _device_usable(cfg.device):
+            raise DeviceLost(f"{case.label} {impl}: {row['error']}")
     return rows
 
 
@@ -200,31 +282,58 @@ def add_speedups(rows: List[dict]) -> None:
     graph = {r["impl"]: r.get("graph_ms") for r in rows}
     for r in rows:
         for base in BASELINE_IMPLS:
-            r[f"speedup_vs_{base}"] = loop[base] / r["median_ms"] if base in loop else None
+            r[f"speedup_vs_{base}"] = loop[base] / r["median_ms"] if loop.get(base) and r["median_ms"] else None
             r[f"device_speedup_vs_{base}"] = (graph[base] / r["graph_ms"]
                                               if graph.get(base) and r.get("graph_ms") else None)
 
 
+def load_baselines(path: Optional[str]) -> Dict[tuple, List[dict]]:
+    """The eager and compile rows of a recorded op run, by case, for the speed-ups of a
+    run that times other implementations (``--baseline-json``)."""
+    if not path:
+        return {}
+    import json
+
+    with open(path) as f:
+        rows = json.load(f).get("ops", [])
+    out: Dict[tuple, List[dict]] = {}
+    for r in rows:
+        if r["impl"] in BASELINE_IMPLS and r.get("status", "ok") == "ok":
+            out.setdefault((tuple(r["shape"]), r["dtype"], r["layout"], r["pass"]), []).append(r)
+    return out
+
+
 def run_ops(cfg, bandwidth_gbs: float, emit: Callable) -> List[dict]:
-    impls = Implementations(cfg.compile_backend)
+    impls = Implementations(cfg.compile_backend, getattr(cfg, "inject_mismatch", ()))
+    baselines = load_baselines(getattr(cfg, "baseline_json", None))
     rows = []
     for case in op_cases(cfg):
         if cfg.out_of_time():
             cfg.notes.append(f"op rows from {case.label} on skipped: --time-budget reached")
             break
-        rows += bench_case(case, cfg, impls, bandwidth_gbs, emit)
+        try:
+            rows += bench_case(case, cfg, impls, bandwidth_gbs, emit,
+                               baselines.get((case.shape, case.dtype, case.layout, case.pass_)))
+        except DeviceLost as exc:
+            cfg.notes.append(f"op rows after {exc} not measured: the device is unusable in this process")
+            break
     return rows
 
 
 def warm_compile_ops(cfg) -> Dict[str, float]:
-    """Compiles the torch.compile baseline of every case once (the first call of a timing
-    run, without the timing), so that the compile caches are warm for a later timing run;
-    returns seconds per case."""
+    """Compiles the torch.compile baseline of every case once, in the order a timing run
+    with the same arguments times them (the first call of a timing run, without the
+    timing), so that the compile caches are warm for it; returns seconds per case (a case
+    that fails is noted and skipped)."""
     impls = Implementations(cfg.compile_backend)
     seconds = {}
     for case in op_cases(cfg):
         cfg.say(f"warming {case.label} compile")
         (x, dy), = _rotation_sets(case, cfg.device, seed=sum(case.shape), count=1)
         step = _step_of(impls, "compile", case, _case_params(case, cfg.device))
-        seconds[case.label] = _first_call(step, x, dy, cfg.device)[1]
+        try:
+            seconds[case.label] = _first_call(step, x, dy, cfg.device)[1]
+            print(f"compiled {case.label}: {seconds[case.label]:.1f} s", flush=True)
+        except Exception as exc:
+            print(f"warming {case.label} compile failed: {_error_text(exc)}", flush=True)
     return seconds

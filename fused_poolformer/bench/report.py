@@ -41,6 +41,12 @@ def _graph(r) -> str:
     return fmt(r["graph_ms"]) if r.get("graph_ms") else "n/a"
 
 
+def _status(r) -> str:
+    """ok, or MISMATCH / ERROR in capitals (rows recorded before statuses existed: ok)."""
+    status = r.get("status", "ok")
+    return status if status == "ok" else status.upper()
+
+
 HOST_COLUMNS = (
     ("device", "device"), ("shape", _shape), ("pass", "pass"), ("impl", "impl"), ("median us", "median_us"),
     ("IQR us", lambda r: f"{fmt(r['q25_us'])}-{fmt(r['q75_us'])}"),
@@ -56,7 +62,7 @@ OP_COLUMNS = (
     ("vs compile", lambda r: _times(r.get("speedup_vs_compile"))),
     ("graph vs compile", lambda r: _times(r.get("device_speedup_vs_compile"))),
     ("MB (model)", lambda r: None if r["bytes"] is None else r["bytes"] / 1e6), ("MFLOP", lambda r: r["flops"] / 1e6),
-    ("compile s", "compile_s"), ("checked", "checked"),
+    ("compile s", "compile_s"), ("checked", "checked"), ("status", _status),
 )
 SUMMARY_COLUMNS = (
     ("shape", _shape), ("dtype", "dtype"), ("layout", "layout"), ("pass", "pass"), ("fused", "impl"),
@@ -64,25 +70,36 @@ SUMMARY_COLUMNS = (
     ("fused graph ms", _graph), ("% floor graph", lambda r: _percent(r["frac_floor_graph"])),
     ("% floor loop", lambda r: _percent(r["frac_floor"])),
     ("vs eager", lambda r: _times(r.get("speedup_vs_eager"))),
-    ("vs compile", lambda r: _times(r.get("speedup_vs_compile"))),
+    ("vs compile", lambda r: _times(r.get("speedup_vs_compile"))), ("status", _status),
 )
+def _mb(value) -> Optional[float]:
+    return None if value is None else value / 2**20
+
+
 MODEL_COLUMNS = (
     ("model", "model"), ("layout", "layout"), ("impl", "impl"), ("params M", "params_m"), ("MACs G", "macs_g"),
-    ("paper G", "paper_macs_g"), ("vs paper", lambda r: f"{r['macs_vs_paper_pct']:+.1f}%"),
+    ("paper G", "paper_macs_g"),
+    ("vs paper", lambda r: "-" if r.get("macs_vs_paper_pct") is None else f"{r['macs_vs_paper_pct']:+.1f}%"),
     ("counter", "macs_counter"), ("dtype", "dtype"), ("batch", "batch"), ("infer ms", "infer_ms"),
-    ("infer x", lambda r: _times(r.get("infer_speedup"))), ("train step ms", "train_step_ms"),
-    ("train x", lambda r: _times(r.get("train_step_speedup"))),
-    ("train x original", lambda r: _times(r.get("train_step_speedup_vs_original"))), ("train peak MB", "peak_mem_mb"),
-    ("mixer fwd ms", "mixer_fwd_ms"), ("mixer f+b ms", "mixer_fwd_bwd_ms"), ("first calls s", "first_calls_s"),
-    ("output diff", "max_rel_output_diff"),
+    ("infer x orig", lambda r: _times(r.get("infer_speedup_vs_original"))),
+    ("infer x orig+c", lambda r: _times(r.get("infer_speedup_vs_original_compile"))),
+    ("train step ms", "train_step_ms"),
+    ("train x orig", lambda r: _times(r.get("train_step_speedup_vs_original"))),
+    ("train x orig+c", lambda r: _times(r.get("train_step_speedup_vs_original_compile"))),
+    ("saved MB", lambda r: _mb(r.get("saved_bytes"))),
+    ("saved / orig", lambda r: _times(r.get("saved_vs_original"))),
+    ("saved / orig+c", lambda r: _times(r.get("saved_vs_original_compile"))),
+    ("train peak MB", "peak_mem_mb"), ("mixer fwd ms", "mixer_fwd_ms"), ("mixer f+b ms", "mixer_fwd_bwd_ms"),
+    ("first calls s", "first_calls_s"), ("output diff", "max_rel_output_diff"), ("status", _status),
 )
 COLUMNS = {"host": HOST_COLUMNS, "ops": OP_COLUMNS, "models": MODEL_COLUMNS}
 TITLES = {
     "host": "host overhead (per call, one thread; operator calls: torch.profiler operator events, nested included)",
     "ops": "op level (pool size 3, GroupNorm(1) weight+bias, layer scale; loop = eager loop, host + device; "
            "graph = CUDA-graph replay, device only; kernels = torch.profiler per call)",
-    "models": "model level (MACs at 1x3x224x224; x = speed-up over the first of its group: converted over "
-              "original, converted+compile over original+compile; x original = over the eager original; same layout)",
+    "models": "model level (MACs at 1x3x224x224; mixer / block = convert_model(fuse='mixer' / 'block'); x orig, "
+              "x orig+c = speed-up over the original eager / original + torch.compile, same layout; saved = bytes "
+              "of the storages the training forward saves for the backward, parameters included)",
 }
 
 
@@ -133,9 +150,26 @@ def _preamble(results: dict) -> List[str]:
         lines.append("floor = fused bytes (docs/performance.md: fwd 3*E*s, bwd 5*E*s) / copy bandwidth; "
                      "% floor = floor / time; MB (model): bytes each form moves by that model "
                      "(eager fwd 13*E*s, bwd 20*E*s; compile not modelled)")
-        methods = sorted({r["kernel_method"] for r in results["ops"]})
+        methods = sorted({r["kernel_method"] for r in results["ops"] if r.get("kernel_method")})
         lines.append("kernels: " + "; ".join(methods))
     return lines
+
+
+def failed_rows(results: dict) -> List[str]:
+    """One line per op row whose status is not ok (the case, the implementation, the
+    error), and per model row that raised."""
+    out = [f"{_shape(r)} {r['dtype']} {r['layout']} {r['pass']} {r['impl']}: {_status(r)}: {r.get('error')}"
+           for r in results.get("ops", []) if r.get("status", "ok") != "ok"]
+    out += [f"{r['model']} {r['layout']} {r['impl']}: ERROR: {r.get('error')}"
+            for r in results.get("models", []) if r.get("status") == "error"]
+    return out
+
+
+def unavailable_rows(results: dict) -> List[str]:
+    """One line per model variant that could not be built (not a failure)."""
+    seen = dict.fromkeys(f"{r['model']} {r['impl']}: {r.get('error')}" for r in results.get("models", [])
+                         if r.get("status") == "unavailable")
+    return list(seen)
 
 
 def render_text(results: dict) -> str:
@@ -146,6 +180,8 @@ def render_text(results: dict) -> str:
     for section in ("host", "ops", "models"):
         if results.get(section):
             parts += ["", TITLES[section], text_table(COLUMNS[section], results[section])]
+    parts += [f"failed: {line}" for line in failed_rows(results)]
+    parts += [f"unavailable: {line}" for line in unavailable_rows(results)]
     parts += [f"note: {n}" for n in results.get("notes", [])]
     return "\n".join(parts)
 
@@ -166,8 +202,14 @@ def render_markdown(results: dict) -> str:
         method = next((r.get("peak_mem_method") for r in results["models"] if r.get("peak_mem_method")), "not measured")
         parts += ["", "## Model level", "", "MACs at 1x3x224x224; latency and training step (AdamW) at the batch "
                   "shown, the variants alternating call by call (medians); peak memory of a training step: "
-                  f"{method}; mixer: every converted block's token-mixer branch on its own input.", "",
+                  f"{method}; saved MB: the storages the saved-tensor hooks see in the training forward "
+                  "(parameters included); mixer fwd / f+b: every converted block's token-mixer branch on its own "
+                  "input.", "",
                   markdown_table(MODEL_COLUMNS, results["models"])]
+    if failed_rows(results):
+        parts += ["", "## Rows that failed", ""] + [f"- {line}" for line in failed_rows(results)]
+    if unavailable_rows(results):
+        parts += ["", "## Variants unavailable", ""] + [f"- {line}" for line in unavailable_rows(results)]
     if results.get("notes"):
         parts += ["", "## Notes", ""] + [f"- {n}" for n in results["notes"]]
     return "\n".join(parts) + "\n"

@@ -3,14 +3,14 @@
 Device helpers (``@triton.jit``):
   * ``pairwise_sum`` / ``pairwise_dot``: fixed-order tree reductions built from elementwise
     adds only, for every sum whose result several programs must agree on bit for bit;
-  * ``inv_window_count``: 1 / (valid taps) of the pool window (count_include_pad=False),
+  * ``inv_window_count``: 1 / (valid taps) of the pool window (padding excluded, contract.pool_arguments),
     one per row or column, as a select between constants;
   * ``split_last`` / ``join_last``: a thread's vector as a tuple of its entries and back
     (register renames, no arithmetic);
   * the tiles: ``nchw_tile`` (a static loop down the rows) and ``cl_row`` /
     ``cl_window_start`` / ``cl_window_step`` (the body of a channels_last row loop).
 
-Host side: ``Geometry`` (vector width, radii, tile sizes, grids of one call), the tile cost
+Host side: ``TileGeometry`` (vector width, radii, tile sizes, grids of one call), the tile cost
 model that prunes autotuning configurations, and the configurations.
 
 The box sum is separable and every element of a tile and its halo is loaded once: each
@@ -40,6 +40,8 @@ import torch
 import triton
 import triton.language as tl
 from triton.runtime.jit import constexpr_function
+
+from ..contract import pool_radius
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -102,7 +104,7 @@ def sqrt_rn(v):
 
 
 # ---------------------------------------------------------------------------------------
-# Pool windows (stride 1, padding r, count_include_pad=False).
+# Pool windows (the rule: contract.pool_arguments; padding excluded from the count).
 
 
 @triton.jit
@@ -534,7 +536,7 @@ def largest_pow2_dividing(n: int, cap: int) -> int:
 MAX_NCHW_BLOCK_W = 128
 
 
-class Geometry:
+class TileGeometry:
     """Shape, layout and the block sizes fixed by the shape (not autotuned) of one call.
 
     ``vec`` is the vector width in elements along the contiguous axis (W for NCHW, C for
@@ -549,7 +551,7 @@ class Geometry:
         self.G = num_groups
         self.Cg = self.C // num_groups
         self.channels_last = channels_last
-        radius = pool_size // 2
+        radius = pool_radius(pool_size)
         # A radius past the plane reaches no further element: the clipped one unrolls less.
         self.radius_h = min(radius, max(self.H - 1, 0))
         self.radius_w = min(radius, max(self.W - 1, 0))
@@ -590,8 +592,10 @@ class Geometry:
 # ---------------------------------------------------------------------------------------
 # Autotuning of the apply and dx kernels, keyed on shape, layout (and, by Triton, the
 # tensors' dtypes); configurations whose tiles do not fit the shape are pruned first
-# (``fitting_tiles``).  The interpreter gets one configuration.
+# (``fitting_tiles``).  The interpreter gets one configuration; pinned.py, one per stage
+# shape when asked for.
 
+PINNED_ENV_VAR = "FUSED_POOLFORMER_TRITON_PINNED"  # pinned.py: "1" launches the pinned configurations
 AUTOTUNE_KEY = ["N", "G", "CG_V", "H", "W", "CHANNELS_LAST", "RADIUS_H", "RADIUS_W", "WRITE_DX"]
 
 NCHW_CONFIGS = [
@@ -620,9 +624,17 @@ def _prune(configs, named_args, **kwargs):
 
 
 def autotuned(kernel, channels_last: bool):
-    """kernel under triton.autotune with the configurations of a layout."""
+    """kernel under triton.autotune with the configurations of a layout.  With
+    FUSED_POOLFORMER_TRITON_PINNED=1 (pinned.py), a PoolFormer-S12 stage shape launches its
+    pinned configuration instead, without autotuning."""
     configs = CHANNELS_LAST_CONFIGS if channels_last else NCHW_CONFIGS
     if INTERPRET:
         configs = INTERPRETER_CONFIGS[channels_last]
-    return triton.autotune(configs=configs, key=AUTOTUNE_KEY,
-                           prune_configs_by={"early_config_prune": _prune})(kernel)
+    tuner = triton.autotune(configs=configs, key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune})(kernel)
+    if os.environ.get(PINNED_ENV_VAR, "") == "1" and not INTERPRET:
+        # Imported here, not at the top: `python -m fused_poolformer.triton.pinned` imports
+        # this package before it runs that module.
+        from . import pinned
+
+        pinned.honour_pins(tuner)
+    return tuner
