@@ -40,8 +40,8 @@
 # `TORCH_CUDA_ARCH_LIST=9.0 FUSED_POOLFORMER_CUDA=1 python setup.py build_ext` into a scratch
 # build dir): 378 s of CPU (362 user + 16 sys), 9 min 43 s wall at 64 % of the CPU beside other
 # jobs -- the upper bound.  On the GPU machine's 16 cores the longest unit bounds it: csrc/cpu/
-# backward.cpp alone takes 73 s of CPU (the CUDA units 30-90 s wall each at 2-way sharing), so
-# ~90 s with the link.
+# backward.cpp alone took 73 s of CPU here (70 user + 2 sys, compiled by itself), so ~90 s with
+# the rest in parallel and the link; the build runs un-niced, the background jobs niced.
 #
 # Every result is written as it is measured (rows, lines, logs), so a cut run keeps what it
 # had.  Results: <out>/<device>-<date>-<time>/ (default out: benchmarks/results; a dry run: a

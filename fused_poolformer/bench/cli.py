@@ -188,14 +188,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile-models", default=None,
                    help="models that also get torch.compile variants (default: s12; none for a quick CPU run)")
     g.add_argument("--model-impls", default=None,
-                   help=f"comma list of {', '.join(MODEL_IMPLS)} (default: all; mixer / block: convert_model(fuse=...), "
-                        "a form the installed convert_model cannot build is a row that says 'unavailable')")
+                   help=f"comma list of {', '.join(MODEL_IMPLS)} (default: all; mixer / block: "
+                        "convert_model(fuse=...), a form the installed convert_model cannot build is a row that "
+                        "says 'unavailable')")
     g.add_argument("--model-batch", type=int, default=None, help="default: 4 CPU (quick 2), 64 GPU")
     g.add_argument("--model-reps", type=int, default=None, help="interleaved repetitions (default: 5 CPU, 20 GPU)")
     g.add_argument("--model-dtype", default=None, choices=("fp32", "bf16", "fp16"),
                    help="bf16/fp16: autocast (default: fp32 CPU, bf16 GPU)")
     g.add_argument("--model-layouts", default=None,
-                   help="comma list of contiguous,channels_last (default: contiguous CPU, both GPU)")
+                   help="comma list of contiguous,channels_last (default: both)")
     g.add_argument("--model-image-size", type=int, default=224, help="input resolution of the timed models")
     g.add_argument("--ready-file", metavar="PATH",
                    help="models: build and warm (compile) every timed variant first, then write PATH")
@@ -266,7 +267,7 @@ def make_config(args: argparse.Namespace) -> Config:
         model_batch=args.model_batch or (64 if gpu else (2 if args.quick else 4)),
         model_reps=args.model_reps or (20 if gpu else 5),
         model_dtype=args.model_dtype or ("bf16" if gpu else "fp32"),
-        model_layouts=_csv(args.model_layouts or ("contiguous,channels_last" if gpu else "contiguous")),
+        model_layouts=_csv(args.model_layouts or "contiguous,channels_last"),
         model_image_size=args.model_image_size,
         compile_backend=args.compile_backend,
         deadline=None if args.time_budget is None or args.go_file else time.monotonic() + args.time_budget,

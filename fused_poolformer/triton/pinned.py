@@ -1,8 +1,9 @@
 """Pinned Triton configurations: one per autotuned kernel (apply, dx) and PoolFormer-S12
 stage shape (batch-independent: C, H, W, dtype, layout, one group, pool 3; and the
 benchmark's host-overhead shape), so that a call at those shapes launches that
-configuration directly -- no candidate is compiled or benchmarked on the first call.  A GPU check that has minutes, not hours, cannot spend them
-autotuning (``benchmarks/gpu_check.sh`` turns the pins on).
+configuration directly -- no candidate is compiled or benchmarked on the first call.  A GPU
+check that has minutes, not hours, cannot spend them autotuning (``benchmarks/gpu_check.sh``
+turns the pins on).
 
     FUSED_POOLFORMER_TRITON_PINNED=1   (before fused_poolformer.triton is imported)
 
