@@ -23,7 +23,8 @@
 #   smoke-triton      115     45  the same 32 cases for Triton, pinned kernels (full run)
 #   sanitizer     115/140      -  memcheck, racecheck reaped: OK / FAIL / UNSUPPORTED (the sandbox refused it)
 #   ops-core      115/140     80  eager, fused-cuda, compile: 4 stages x fp32/bf16 x NCHW/CL x fwd, fwd+bwd
-#                                 (96 rows: eager loop, CUDA-graph replay, profiler kernels) + host table;
+#                                 (96 rows: eager loop, CUDA-graph replay, profiler kernels) + host table
+#                                 (F.group_norm, fused-cuda, the unfused graph);
 #                                 a mismatch or an exception is a row that says so, the run goes on
 #   ops-block           -      -  slot: block-operator rows (BLOCK_OP_ARGS, empty until they exist)
 #   ops-triton        220     50  fused-triton, the same 32 cases, pinned configs, speed-ups vs ops-core's (full run)

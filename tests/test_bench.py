@@ -466,3 +466,12 @@ def test_gpu_notes_use_the_newest_runs_bandwidth(tmp_path):
     floor_4800 = floor_3000 * 3000 / 4800
     assert f"CL 200.0 ({100 * floor_4800 / 0.2:.0f}%, loop)" in line  # the H200 run at its own bandwidth
     assert f"CL 4.0 ({100 * floor_3000 / 0.004:.0f}%, graph)" in line and "CL ERROR" in line
+
+
+@requires_cpu_kernels
+def test_host_table_times_the_fused_implementations_asked_for():
+    from fused_poolformer.bench import host_overhead
+
+    assert list(host_overhead.host_impls("cpu", ["fused-cpu"])) == ["F.group_norm", "fused-cpu", "unfused graph"]
+    assert list(host_overhead.host_impls("cpu")) == ["F.group_norm"] + op_level.default_fused_impls("cpu") + [
+        "unfused graph"]

@@ -11,7 +11,7 @@ alike).  Operator calls: the operator events (``namespace::name``) torch.profile
 in one call, nested calls included, and the top-level ones among them.
 """
 
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,12 +30,13 @@ def _group_norm(x, weight, bias, **options):
     return F.group_norm(x, options["num_groups"], weight, bias, options["eps"])
 
 
-def host_impls(device: str) -> Dict[str, Callable]:
-    """name -> pool_mixer-like function: F.group_norm alone (the baseline, first), every
-    fused backend for ``device``, the unfused graph."""
+def host_impls(device: str, fused: Optional[Sequence[str]] = None) -> Dict[str, Callable]:
+    """name -> pool_mixer-like function: F.group_norm alone (the baseline, first), the
+    fused implementations ``fused`` (default: every fused backend for ``device``), the
+    unfused graph."""
     impls = Implementations()
     functions = {"F.group_norm": _group_norm}
-    functions.update({impl: impls.function(impl) for impl in default_fused_impls(device)})
+    functions.update({impl: impls.function(impl) for impl in (fused or default_fused_impls(device))})
     functions["unfused graph"] = reference.pool_mixer
     return functions
 
@@ -55,11 +56,14 @@ def _step(fn: Callable, pass_: str, device: str) -> Callable:
 MIN_RUN_TIME = 0.3  # seconds per row: microsecond calls need many blocks for a steady median
 
 
-def host_overhead_rows(device: str, emit: Callable, min_run_time: float = MIN_RUN_TIME) -> List[dict]:
+def host_overhead_rows(device: str, emit: Callable, min_run_time: float = MIN_RUN_TIME,
+                       fused: Optional[Sequence[str]] = None) -> List[dict]:
+    """The host table's rows (``fused``: the fused implementations, default every one the
+    device runs)."""
     rows = []
     for pass_ in PASSES:
         baseline_us = None
-        steps = {name: _step(fn, pass_, device) for name, fn in host_impls(device).items()}
+        steps = {name: _step(fn, pass_, device) for name, fn in host_impls(device, fused).items()}
         times = timing.interleaved_block_times(steps, device, min_run_time, threads=1)
         for name, step in steps.items():
             t = times[name]
