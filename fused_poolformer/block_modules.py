@@ -70,6 +70,18 @@ class _BlockLevel:
             raise ValueError(f"{type(self).__name__}: recompute must be one of {RECOMPUTE_CHOICES}, got {recompute!r}")
         self.recompute = recompute
 
+    def forward(self, x: Tensor) -> Tensor:
+        """The fused call (``_forward``); under TorchScript its twin through torch.ops
+        (``_scripted_forward``; the reference backend: the original modules); under
+        ``torch.jit.trace`` (fvcore) the original modules (``unfused_forward``)."""
+        if torch.jit.is_scripting():
+            if self.backend == "reference":
+                return self.unfused_forward(x)
+            return self._scripted_forward(x)
+        if torch.jit.is_tracing():
+            return self.unfused_forward(x)
+        return self._forward(x)
+
     @torch.jit.unused
     def _block(self, x: Tensor, layer_scale1, res_scale1, drop_path1, layer_scale2, res_scale2,
                drop_path2) -> Tensor:
@@ -131,15 +143,6 @@ class BlockFusedMetaFormerBlock(_BlockLevel, FusedMetaFormerBlock):
         """The original block's forward, module by module (what fvcore and torch.jit.trace see)."""
         x = self.res_scale1(x) + self.layer_scale1(self.drop_path1(self.token_mixer(self.norm1(x))))
         return self.res_scale2(x) + self.layer_scale2(self.drop_path2(self.mlp(self.norm2(x))))
-
-    def forward(self, x: Tensor) -> Tensor:
-        if torch.jit.is_scripting():
-            if self.backend == "reference":
-                return self.unfused_forward(x)
-            return self._scripted_forward(x)
-        if torch.jit.is_tracing():
-            return self.unfused_forward(x)
-        return self._forward(x)
 
     def _scripted_forward(self, x: Tensor) -> Tensor:
         """``_forward`` under TorchScript: every argument read as the scripted mixer-level
@@ -250,15 +253,6 @@ class BlockFusedPoolFormerBlock(_BlockLevel, FusedPoolFormerBlock):
             return x + self.drop_path(self.layer_scale_2.unsqueeze(-1).unsqueeze(-1) * self.mlp(self.norm2(x)))
         x = x + self.drop_path(self.token_mixer(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
-
-    def forward(self, x: Tensor) -> Tensor:
-        if torch.jit.is_scripting():
-            if self.backend == "reference":
-                return self.unfused_forward(x)
-            return self._scripted_forward(x)
-        if torch.jit.is_tracing():
-            return self.unfused_forward(x)
-        return self._forward(x)
 
     def _scripted_forward(self, x: Tensor) -> Tensor:
         """``_forward`` under TorchScript (as the original's forward, this compiles only
